@@ -1,0 +1,186 @@
+"""Compile the kernels for a GPU architecture without a GPU.
+
+`triton.compile` with a `GPUTarget` builds PTX and a cubin on any machine;
+`ptxas -v` (shipped with Triton) reports registers and spills, and
+`metadata.shared` the shared memory, which the compiler does not check
+against the device limit. Must run with TRITON_INTERPRET unset (an
+interpreted kernel cannot be compiled): tests and the compile report run it in
+a process of its own.
+
+    python -m fused_lora.kernels.compile_check     # one line per compile
+"""
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import backward, configs, forward
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# (x / W dtype, adapter dtype) pairs the kernels accept on a GPU.
+DTYPE_PAIRS = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+KERNELS = ("forward", "dx", "grad_ab")
+
+
+@dataclasses.dataclass
+class CompileResult:
+    kernel: str
+    arch: int
+    dtype: str
+    adapter_dtype: str
+    r_pad: int
+    config: str
+    shared: int
+    shared_limit: int
+    registers: int
+    spill_bytes: int
+    wgmma: bool
+
+    @property
+    def fits(self) -> bool:
+        return self.shared <= self.shared_limit
+
+
+def _pointer(dtype):
+    return "*" + DTYPE_NAMES[dtype]
+
+
+def _signature(kernel, x_dtype, adapter_dtype):
+    """(jit function, {arg: type}, tensor args' dtypes) for one kernel."""
+    p, q = _pointer(x_dtype), _pointer(adapter_dtype)
+    if kernel == "forward":
+        fn = forward.lora_forward_kernel
+        pointers = dict(x_ptr=p, w_ptr=p, bias_ptr=p, a_ptr=q, b_ptr=q, y_ptr=p, h_ptr=q)
+        ints = ["M", "N", "K", "R", "M_BUCKET"]
+    elif kernel == "dx":
+        fn = backward.lora_dx_kernel
+        pointers = dict(dy_ptr=p, w_ptr=p, a_ptr=q, b_ptr=q, dx_ptr=p, g_ptr=q)
+        ints = ["M", "N", "K", "R", "M_BUCKET"]
+    else:  # dA^T from (x, G) and dB from (dY, H): one wide and one skinny operand
+        fn = backward.lora_grad_ab_kernel
+        pointers = dict(p_ptr=p, q_ptr=q, out_ptr="*fp32")
+        ints = ["M", "P", "R", "M_PER_SPLIT"]
+    signature = dict(pointers)
+    for name in fn.arg_names:
+        if name in UNIT_STRIDES:
+            signature[name] = "constexpr"
+        elif name in ints or name.startswith("stride_"):
+            signature[name] = "i32"
+        elif name == "scaling":
+            signature[name] = "fp32"
+        elif name not in signature:
+            signature[name] = "constexpr"
+    return fn, signature
+
+
+# What Triton's launcher specializes on at run time for contiguous inputs of
+# ordinary sizes: unit strides become constants, pointers and the other
+# strides and sizes are multiples of 16. Without this the compiler cannot
+# vectorise loads nor pipeline them, and the report would describe a kernel
+# that never runs.
+UNIT_STRIDES = {
+    "stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_hr",
+    "stride_dyn", "stride_dxk", "stride_gr", "stride_pp", "stride_qr", "stride_or",
+}  # fmt: skip
+NOT_MULTIPLE_OF_16 = {"M", "R", "scaling"}
+
+
+def _attrs(fn, signature):
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name] != "constexpr" and name not in NOT_MULTIPLE_OF_16
+    }
+
+
+def _precision(dtype):
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def _constexprs(kernel, x_dtype, adapter_dtype, r_pad, meta):
+    flags = dict(UPCAST=False, ACC_DTYPE=tl.float32, R_PAD=r_pad, **meta)
+    if kernel == "forward":
+        flags.update(HAS_BIAS=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype))
+    elif kernel == "dx":
+        flags.update(COMPUTE_DX=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype))
+    else:
+        flags.update(ATOMIC=True, PRECISION=_precision(adapter_dtype))
+    return flags
+
+
+def _ptxas_report(ptx: str, arch: int):
+    """(registers, spill bytes) from ptxas -v."""
+    try:  # Triton picks a newer ptxas for sm_90 (3.9); older ones have one
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except ImportError:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [ptxas, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm}", path, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return registers, spills
+
+
+def compile_kernel(kernel, arch, x_dtype, adapter_dtype, config, r_pad=16) -> CompileResult:
+    """Compile one kernel for sm_<arch> with one autotune config."""
+    fn, signature = _signature(kernel, x_dtype, adapter_dtype)
+    constexprs = _constexprs(kernel, x_dtype, adapter_dtype, r_pad, config.kwargs)
+    constexprs.update({name: 1 for name in UNIT_STRIDES if name in fn.arg_names})
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_attrs(fn, signature))
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    registers, spills = _ptxas_report(compiled.asm["ptx"], arch)
+    return CompileResult(
+        kernel=kernel,
+        arch=arch,
+        dtype=DTYPE_NAMES[x_dtype],
+        adapter_dtype=DTYPE_NAMES[adapter_dtype],
+        r_pad=r_pad,
+        config=" ".join(f"{k}={v}" for k, v in config.all_kwargs().items()),
+        shared=compiled.metadata.shared,
+        shared_limit=configs.SHARED_MEMORY_LIMIT[arch],
+        registers=registers,
+        spill_bytes=spills,
+        wgmma="wgmma" in compiled.asm["ptx"],
+    )
+
+
+def kernel_configs(kernel):
+    return configs.GEMM_CONFIGS if kernel in ("forward", "dx") else configs.GRAD_AB_CONFIGS
+
+
+def main():
+    for kernel in KERNELS:
+        for arch in (80, 90):
+            for x_dtype, adapter_dtype in DTYPE_PAIRS:
+                for config in kernel_configs(kernel):
+                    print(compile_kernel(kernel, arch, x_dtype, adapter_dtype, config), flush=True)
+
+
+if __name__ == "__main__":
+    main()

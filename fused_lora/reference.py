@@ -1,0 +1,45 @@
+"""The float64 reference and the three baselines the benchmark compares.
+
+x: (..., K)   W: (N, K)   bias: (N,)   A: (r, K)   B: (N, r)   s: float
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling):
+    """x W^T + bias + s (x A^T) B^T, every input upcast to float64 on the CPU.
+    Differentiable: tests take the reference gradients by autograd."""
+
+    def f64(t):
+        return None if t is None else t.to(device="cpu", dtype=torch.float64)
+
+    x, weight, bias, lora_a, lora_b = map(f64, (x, weight, bias, lora_a, lora_b))
+    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)
+
+
+def naive(x, weight, bias, lora_a, lora_b, scaling):
+    """PEFT's path: three GEMMs, an M x N temporary, the adapters' dtype for
+    the LoRA branch (x cast to it), the sum cast back to x's dtype."""
+    result = F.linear(x, weight, bias)
+    update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scaling
+    return (result + update).to(x.dtype)
+
+
+def composed(x, weight, bias, lora_a, lora_b, scaling):
+    """Unsloth's path: y = addmm(bias, x, W^T), then y.addmm_(x A^T, B^T, alpha=s)
+    in place (adapters in x's dtype)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2d, weight.t()) if bias is None else torch.addmm(bias, x2d, weight.t())
+    y.addmm_(torch.mm(x2d, lora_a.t()), lora_b.t(), alpha=scaling)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def merged_weight(weight, lora_a, lora_b, scaling):
+    """W' = W + s B A, in float32, rounded once to W's dtype."""
+    return (weight.float() + scaling * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
+def merged(x, merged_w, bias):
+    """One GEMM with a precomputed merged weight: the speed of light."""
+    return F.linear(x, merged_w, bias)

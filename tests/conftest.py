@@ -1,0 +1,40 @@
+"""Test setup: where the Triton kernels run, seeds, and the backend fixture.
+
+Without a GPU the Triton kernels run in the interpreter. Triton reads
+TRITON_INTERPRET when the kernels are decorated, so it is set here, before
+anything imports fused_lora.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences Triton 3.9's warning
+
+import pytest  # noqa: E402
+
+import fused_lora  # noqa: E402
+from fused_lora.kernels.common import INTERPRETED  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pytest_report_header(config):
+    mode = "interpreted on CPU" if INTERPRETED else f"compiled on {DEVICE}"
+    return f"fused-lora: Triton kernels {mode}; torch backend on {DEVICE}"
+
+
+@pytest.fixture(params=["triton", "torch"])
+def backend(request):
+    """Run the test once per backend, forced with set_backend."""
+    with fused_lora.set_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fixed seed per test case, derived from its id: reproducible, and
+    # different inputs for every case.
+    torch.manual_seed(hash(request.node.nodeid) % 2**31)
