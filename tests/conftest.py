@@ -13,10 +13,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences Triton 3.9's warning
 
-import pytest  # noqa: E402
+import pytest
 
-import fused_lora  # noqa: E402
-from fused_lora.kernels.common import INTERPRETED  # noqa: E402
+import fused_lora
+from fused_lora.kernels.common import INTERPRETED
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -22,9 +22,7 @@ def run_dx(m, k, n, r, dtype, adapter_dtype, compute_dx=True, scaling=0.75):
     out = poisoned((m, k), dtype, DEVICE) if compute_dx else None
     g_out = poisoned((m, r), adapter_dtype, DEVICE)
     w, a, b = (padded(inputs[name]) for name in ("weight", "lora_a", "lora_b"))
-    dx, g = triton_backend.backward_dx(
-        padded(dy), w, a, b, scaling, compute_dx=compute_dx, out=out, g_out=g_out
-    )
+    dx, g = triton_backend.backward_dx(padded(dy), w, a, b, scaling, compute_dx=compute_dx, out=out, g_out=g_out)
     assert g is g_out and dx is out
     g_ref = scaling * f64(dy) @ f64(inputs["lora_b"])
     dx_ref = f64(dy) @ f64(inputs["weight"]) + g_ref @ f64(inputs["lora_a"])

@@ -105,6 +105,8 @@ def test_forward_offsets_past_int32():
     y_storage = torch.full((row_stride * m,), float("nan"), dtype=torch.float16)
     out = y_storage.as_strided((m, n), (row_stride, 1))
     h_out = poisoned((m, r), torch.float16, DEVICE)
-    triton_backend.forward(x, inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"], 0.5, out=out, h_out=h_out)
+    triton_backend.forward(
+        x, inputs["weight"], inputs["bias"], inputs["lora_a"], inputs["lora_b"], 0.5, out=out, h_out=h_out
+    )
     ref = lora_linear_reference(*inputs.values(), 0.5)
     assert_matches_reference(out, ref, torch.float16, name="y")

@@ -30,7 +30,8 @@ def check_layer(inputs, dtype, adapter_dtype, requires_grad, scaling=1.5, x_view
     the same upstream gradient; compare y and every requested gradient."""
     leaves = {n: None if t is None else t.clone().requires_grad_(n in requires_grad) for n, t in inputs.items()}
     ref_leaves = {
-        n: None if t is None else t.detach().double().cpu().requires_grad_(n in requires_grad) for n, t in inputs.items()
+        n: None if t is None else t.detach().double().cpu().requires_grad_(n in requires_grad)
+        for n, t in inputs.items()
     }
     x = leaves["x"] if x_view is None else x_view(leaves["x"])
     y = fused_lora.lora_linear(x, leaves["weight"], leaves["bias"], leaves["lora_a"], leaves["lora_b"], scaling)
@@ -110,9 +111,7 @@ def _gradcheck_inputs(m, k, n, r):
 
 def test_gradcheck_torch_backend():
     with fused_lora.set_backend("torch"):
-        assert torch.autograd.gradcheck(
-            lambda *t: fused_lora.lora_linear(*t, 0.8), _gradcheck_inputs(6, 10, 8, 3)
-        )
+        assert torch.autograd.gradcheck(lambda *t: fused_lora.lora_linear(*t, 0.8), _gradcheck_inputs(6, 10, 8, 3))
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="float64 Triton kernels run only interpreted")
@@ -231,3 +230,43 @@ def test_bad_input(case, monkeypatch):
         monkeypatch.setattr(backend, "forward", no_kernel)
     with pytest.raises(error, match=message):
         fused_lora.lora_linear(**args)
+
+
+# ---- fp32 precision and GPU-only checks -------------------------------------
+
+
+@pytest.fixture
+def matmul_precision():
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    yield matmul
+    matmul.fp32_precision = before
+
+
+def test_fp32_precision_follows_torch(matmul_precision):
+    matmul_precision.fp32_precision = "tf32"
+    assert triton_backend.fp32_precision() == "tf32"
+    matmul_precision.fp32_precision = "ieee"
+    assert triton_backend.fp32_precision() == "ieee"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="TF32 exists only on a GPU")
+def test_tf32_within_its_tolerance_and_ieee_tighter(matmul_precision):
+    inputs = lora_inputs(512, 1024, 768, 16, torch.float32, device=DEVICE)
+    ref = lora_linear_reference(*inputs.values(), 0.5)
+    matmul_precision.fp32_precision = "tf32"
+    tf32 = fused_lora.lora_linear(*inputs.values(), 0.5)
+    matmul_precision.fp32_precision = "ieee"
+    ieee = fused_lora.lora_linear(*inputs.values(), 0.5)
+    assert_matches_reference(tf32, ref, "tf32")
+    assert_matches_reference(ieee, ref, torch.float32)
+    assert (ieee.double().cpu() - ref).abs().max() < (tf32.double().cpu() - ref).abs().max()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="large shapes need a GPU (the interpreter would take hours)")
+@pytest.mark.parametrize(("dtype", "adapter_dtype"), DTYPE_PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize(("m", "r"), [(4096, 16), (4099, 64), (16, 16), (1, 128)], ids=str)
+def test_large_shapes_on_gpu(m, r, dtype, adapter_dtype):
+    inputs = lora_inputs(m, 4096, 4096, r, dtype, adapter_dtype, device=DEVICE)
+    with fused_lora.set_backend("triton"):
+        check_layer(inputs, dtype, adapter_dtype, GRAD_SETS["x+A+B"])

@@ -149,6 +149,7 @@ lora_grad_ab_tuned = triton.autotune(
     configs=configs.GRAD_AB_CONFIGS,
     key=["M_PER_SPLIT", "P", "R_PAD", "ATOMIC", "PRECISION"],
     reset_to_zero=["out_ptr"],
+    prune_configs_by={"early_config_prune": configs.prune_grad_ab_configs},
 )(lora_grad_ab_kernel)
 
 

@@ -7,10 +7,13 @@ against the device limit. Must run with TRITON_INTERPRET unset (an
 interpreted kernel cannot be compiled): tests and the compile report run it in
 a process of its own.
 
-    python -m fused_lora.kernels.compile_check     # one line per compile
+    python -m fused_lora.kernels.compile_check [--suite]   # a JSON line per compile
 """
 
+import argparse
+import concurrent.futures
 import dataclasses
+import json
 import os
 import re
 import subprocess
@@ -23,6 +26,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import backward, configs, forward
+from .common import INTERPRETED
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # (x / W dtype, adapter dtype) pairs the kernels accept on a GPU.
@@ -170,16 +174,58 @@ def compile_kernel(kernel, arch, x_dtype, adapter_dtype, config, r_pad=16) -> Co
     )
 
 
-def kernel_configs(kernel):
-    return configs.GEMM_CONFIGS if kernel in ("forward", "dx") else configs.GRAD_AB_CONFIGS
+def kernel_configs(kernel, r_pad=16, dtype=torch.bfloat16, adapter_dtype=None):
+    """The autotune configs the kernel would try at this rank (after pruning)."""
+    wide = torch.empty(0, dtype=dtype, device="meta")
+    adapter = torch.empty(0, dtype=adapter_dtype or dtype, device="meta")
+    if kernel in ("forward", "dx"):
+        args = {"M": 4096, "x_ptr": wide, "a_ptr": adapter}
+        return configs.prune_gemm_configs(configs.GEMM_CONFIGS, args, R_PAD=r_pad)
+    return configs.prune_grad_ab_configs(configs.GRAD_AB_CONFIGS, {"p_ptr": wide, "q_ptr": adapter}, R_PAD=r_pad)
 
 
-def main():
+def suite_cases():
+    """What the test suite compiles: every kernel x dtype pair x {sm_80,
+    sm_90} with the first config, and every config for bf16 on sm_90, at
+    r = 16 and r = 256."""
     for kernel in KERNELS:
         for arch in (80, 90):
             for x_dtype, adapter_dtype in DTYPE_PAIRS:
-                for config in kernel_configs(kernel):
-                    print(compile_kernel(kernel, arch, x_dtype, adapter_dtype, config), flush=True)
+                yield kernel, arch, x_dtype, adapter_dtype, kernel_configs(kernel, 16, x_dtype, adapter_dtype)[0], 16
+        for r_pad in (16, 256):
+            for config in kernel_configs(kernel, r_pad)[r_pad == 16 :]:
+                yield kernel, 90, torch.bfloat16, torch.bfloat16, config, r_pad
+
+
+def report_cases():
+    """The full sweep for the compile report: every kernel, architecture,
+    dtype pair, rank bucket and (pruned) config."""
+    for kernel in KERNELS:
+        for arch in (80, 90):
+            for x_dtype, adapter_dtype in DTYPE_PAIRS:
+                for r_pad in (16, 64, 256):
+                    for config in kernel_configs(kernel, r_pad, x_dtype, adapter_dtype):
+                        yield kernel, arch, x_dtype, adapter_dtype, config, r_pad
+
+
+def _compile_case(case):
+    return compile_kernel(*case)
+
+
+def compile_all(cases, workers=None):
+    """Compile the cases in parallel processes; results in order."""
+    with concurrent.futures.ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        yield from pool.map(_compile_case, list(cases))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", action="store_true", help="only the cases the test suite compiles")
+    args = parser.parse_args(argv)
+    if INTERPRETED:
+        raise SystemExit("unset TRITON_INTERPRET: an interpreted kernel cannot be compiled")
+    for result in compile_all(suite_cases() if args.suite else report_cases()):
+        print(json.dumps(dataclasses.asdict(result)), flush=True)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,17 @@ GEMM_CONFIGS = [
     _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
     _config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
     _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    # fp32 operands: half the K depth, so three stages fit in shared memory
+    _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    _config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    # large ranks: the R_PAD-wide h accumulator needs 8 warps' registers
+    _config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+    _config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
+    _config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    # decode
     _config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
     _config(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
+    _config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
 ]
 
 # dA / dB kernel: (BLOCK_P x R_PAD) outputs reduced over M in BLOCK_M steps.
@@ -50,41 +59,82 @@ GRAD_AB_CONFIGS = [
     _config(4, 3, BLOCK_P=64, BLOCK_M=128),
     _config(8, 3, BLOCK_P=128, BLOCK_M=128),
     _config(4, 4, BLOCK_P=64, BLOCK_M=64),
+    _config(8, 3, BLOCK_P=64, BLOCK_M=64),
+    _config(8, 2, BLOCK_P=64, BLOCK_M=64),  # fp32 at large ranks
 ]
+
+# fp32 accumulator registers per thread above which ptxas starts to spill
+# (seen in the compile report; the rest of the 255 hold operands, addresses
+# and the MMA fragments).
+ACCUMULATOR_REGISTERS = {"gemm": 80, "grad_ab": 64}
 
 
 def _element_size(dtype) -> int:
     return 4 if "32" in str(dtype) else 2
 
 
-def estimate_gemm_shared(config, r_pad: int, element_size: int = 2) -> int:
+def _arg(name, named_args, kwargs):
+    return kwargs[name] if name in kwargs else named_args[name]
+
+
+def _sizes(named_args):
+    """Bytes per element of the wide operand (x or dY) and of the adapters."""
+    wide = named_args["x_ptr"] if "x_ptr" in named_args else named_args.get("dy_ptr", named_args.get("p_ptr"))
+    adapter = named_args["a_ptr"] if "a_ptr" in named_args else named_args["q_ptr"]
+    return _element_size(wide.dtype), _element_size(adapter.dtype)
+
+
+def estimate_gemm_shared(config, r_pad: int, wide_size: int = 2, adapter_size: int = 2) -> int:
     """Bytes of shared memory a forward / dX config needs: each pipeline stage
     holds one tile of the left operand, of the weight and of the adapter."""
     m = config.kwargs
-    tile = m["BLOCK_M"] * m["BLOCK_K"] + m["BLOCK_N"] * m["BLOCK_K"] + r_pad * m["BLOCK_K"]
-    return config.num_stages * tile * element_size
+    tile = (m["BLOCK_M"] + m["BLOCK_N"]) * m["BLOCK_K"] * wide_size + r_pad * m["BLOCK_K"] * adapter_size
+    return config.num_stages * tile
+
+
+def estimate_gemm_registers(config, r_pad: int) -> int:
+    """fp32 registers per thread for the (BLOCK_M x BLOCK_N) and
+    (BLOCK_M x R_PAD) accumulators."""
+    m = config.kwargs
+    return m["BLOCK_M"] * (m["BLOCK_N"] + r_pad) // (32 * config.num_warps)
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop configs that would not fit in shared memory (a large rank adds an
-    R_PAD x BLOCK_K adapter tile per stage) and, for small M, tiles much
-    taller than M."""
-    r_pad = kwargs["R_PAD"]
-    m = named_args["M"]
-    size = _element_size(named_args["x_ptr"].dtype)
+    """Keep the forward / dX configs that fit: shared memory for every stage
+    (a large rank adds an R_PAD x BLOCK_K adapter tile), registers for the
+    accumulators (ptxas spills past about ACCUMULATOR_REGISTERS), and tiles
+    no taller than a decode batch needs."""
+    r_pad = _arg("R_PAD", named_args, kwargs)
+    m = _arg("M", named_args, kwargs)
+    sizes = _sizes(named_args)
     limit = min(SHARED_MEMORY_LIMIT.values())
-    kept = []
-    for c in configs:
-        if estimate_gemm_shared(c, r_pad, size) > limit:
-            continue
-        if r_pad >= 128 and c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] > 128 * 128:
-            continue  # accumulator + h registers would spill
-        if m <= 64 and c.kwargs["BLOCK_M"] > 16:
-            continue
-        if m > 64 and c.kwargs["BLOCK_M"] == 16:
-            continue
-        kept.append(c)
-    return kept or [min(configs, key=lambda c: estimate_gemm_shared(c, r_pad, size))]
+
+    def fits(c):
+        return (
+            estimate_gemm_shared(c, r_pad, *sizes) <= limit
+            and estimate_gemm_registers(c, r_pad) <= ACCUMULATOR_REGISTERS["gemm"]
+        )
+
+    fitting = [c for c in configs if fits(c)]
+    decode = m <= 64
+    kept = [c for c in fitting if (c.kwargs["BLOCK_M"] == 16) == decode]
+    return kept or fitting or [min(configs, key=lambda c: estimate_gemm_registers(c, r_pad))]
+
+
+def prune_grad_ab_configs(configs, named_args, **kwargs):
+    """Keep the dA / dB configs whose (BLOCK_P x R_PAD) accumulator fits in
+    registers and whose stages fit in shared memory."""
+    r_pad = _arg("R_PAD", named_args, kwargs)
+    wide_size, skinny_size = _sizes(named_args)
+    limit = min(SHARED_MEMORY_LIMIT.values())
+
+    def fits(c):
+        k = c.kwargs
+        shared = c.num_stages * k["BLOCK_M"] * (k["BLOCK_P"] * wide_size + r_pad * skinny_size)
+        registers = k["BLOCK_P"] * r_pad // (32 * c.num_warps)
+        return shared <= limit and registers <= ACCUMULATOR_REGISTERS["grad_ab"]
+
+    return [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.num_stages)]
 
 
 # The interpreter cannot autotune (it has no GPU driver): it runs one of these.

@@ -1,0 +1,17 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fused-lora",
+    version="0.1.0",
+    description="Triton kernels for LoRA linear layers: fused forward and backward, trainable and swappable",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fused_lora*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+    },
+    license="Apache-2.0",
+)
