@@ -6,6 +6,32 @@ x: (..., K)   W: (N, K)   bias: (N,)   A: (r, K)   B: (N, r)   s: float
 import torch
 import torch.nn.functional as F
 
+# The accuracy gate, the one table tests and the benchmark both apply:
+#     |out - ref| <= tol * max|ref| + tol * |ref|   against a float64 reference.
+# fp32 rows are for the interpreter, the torch backend, and a GPU with IEEE
+# fp32 matmuls (the default); TF32 gets its own row.
+TOLERANCES = {
+    # dtype: (forward, gradients)
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-4),
+    "tf32": (1e-2, 2e-2),
+    torch.float16: (2e-3, 1e-2),
+    torch.bfloat16: (1.6e-2, 3e-2),
+}
+
+
+def within_tolerance(out, ref, dtype, kind="forward"):
+    """(ok, worst error / allowed) for out against a float64 reference."""
+    tol = TOLERANCES[dtype][0 if kind == "forward" else 1]
+    out = out.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
+    if ref.numel() == 0:
+        return True, 0.0
+    err = (out - ref).abs()
+    bound = tol * ref.abs().max() + tol * ref.abs()
+    ratio = (err / bound).max().item() if bound.min() > 0 else float(err.max() > 0)
+    return bool(torch.isfinite(out).all() and (err <= bound).all()), ratio
+
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling):
     """x W^T + bias + s (x A^T) B^T, every input upcast to float64 on the CPU.

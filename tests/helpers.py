@@ -5,18 +5,7 @@ import math
 import torch
 
 from fused_lora.kernels.common import INTERPRETED
-
-# The gate (TESTING.md): |out - ref| <= tol * max|ref| + tol * |ref|.
-# fp32 rows are for the interpreter, the torch backend, and a GPU with
-# IEEE fp32 matmuls (fused-lora's default); TF32 gets its own row.
-TOLERANCES = {
-    # dtype: (forward, gradients)
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (1e-5, 1e-4),
-    "tf32": (1e-2, 2e-2),
-    torch.float16: (2e-3, 1e-2),
-    torch.bfloat16: (1.6e-2, 3e-2),
-}
+from fused_lora.reference import TOLERANCES
 
 
 def tolerance(dtype, kind="forward"):

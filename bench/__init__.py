@@ -1,0 +1,1 @@
+"""Benchmarks: python -m bench (report), pytest bench/ --benchmark-only (pytest-benchmark)."""

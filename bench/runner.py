@@ -1,0 +1,98 @@
+"""Run one case: check every implementation against float64, then time it
+and measure its memory. An implementation that fails the check gets no time."""
+
+import torch
+
+from fused_lora.reference import lora_linear_reference, within_tolerance
+
+from . import implementations as impl
+from .cases import DTYPES, Case
+from .timing import measure, rotations
+
+PASSES = ("forward", "forward+backward")
+
+
+def make_inputs(case: Case, device, n_sets: int = 1):
+    dtype = DTYPES[case.dtype]
+    p = impl.Params.random(case.k, case.n, case.r, dtype, device)
+    xs = [torch.randn(case.m, case.k, device=device, dtype=dtype).requires_grad_() for _ in range(n_sets)]
+    grad_y = torch.randn(case.m, case.n, device=device, dtype=dtype)
+    return p, xs, grad_y
+
+
+def reference(x, p: impl.Params, grad_y):
+    """float64 output and gradients of x, A, B (on x's device: fast on a GPU)."""
+    leaves = [t.detach().double().requires_grad_() for t in (x, p.lora_a, p.lora_b)]
+    w, b = p.weight.double(), None if p.bias is None else p.bias.double()
+    y = lora_linear_reference(leaves[0], w, b, leaves[1], leaves[2], p.scaling).to(x.device)
+    return y, torch.autograd.grad(y, leaves, grad_y.double())
+
+
+def check(name, x, p, grad_y, ref, dtype):
+    """{"forward": (ok, worst error / allowed), "forward+backward": ...}."""
+    ref_y, ref_grads = ref
+    y = impl.IMPLEMENTATIONS[name](x, p)
+    grads = impl.forward_backward(name, x, p, grad_y)
+    forward = within_tolerance(y, ref_y, dtype)
+    backward = [within_tolerance(g, r, dtype, "gradients") for g, r in zip(grads, ref_grads, strict=False)]
+    worst = max([forward[1]] + [b[1] for b in backward])
+    return {
+        "forward": forward,
+        "forward+backward": (forward[0] and all(b[0] for b in backward), worst),
+    }
+
+
+def peak_bytes(name, x, p, grad_y) -> int:
+    """Memory a forward + backward needs beyond its inputs. GPU: the peak of
+    the caching allocator; CPU (no peak counter): the bytes saved for backward."""
+    if x.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        impl.forward_backward(name, x, p, grad_y)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    saved = {}
+
+    def pack(t):
+        saved[(t.data_ptr(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        impl.IMPLEMENTATIONS[name](x, p)
+    inputs = {x.data_ptr(), p.weight.data_ptr(), p.lora_a.data_ptr(), p.lora_b.data_ptr(), p.merged_weight.data_ptr()}
+    return sum(size for (ptr, *_), size in saved.items() if ptr not in inputs)
+
+
+def run_case(case: Case, device, quick=False) -> dict:
+    """Every implementation on one case: checks, timings, memory."""
+    dtype = DTYPES[case.dtype]
+    set_bytes = case.m * case.k * torch.finfo(dtype).bits // 8
+    n_sets = rotations(set_bytes, device)
+    p, xs, grad_y = make_inputs(case, device, n_sets)
+    ref = reference(xs[0], p, grad_y)
+    result = {pass_: {} for pass_ in PASSES}
+    for name in impl.IMPLEMENTATIONS:
+        checked = check(name, xs[0], p, grad_y, ref, dtype)
+        memory = peak_bytes(name, xs[0], p, grad_y)
+        for pass_ in PASSES:
+            ok, worst = checked[pass_]
+            entry = {"check_ok": ok, "worst_error_over_allowed": worst}
+            if ok:
+                if pass_ == "forward":
+
+                    def make(i, name=name):
+                        return lambda: impl.IMPLEMENTATIONS[name](xs[i], p)
+
+                    with torch.no_grad():
+                        timing = measure(make, device, n_sets, quick)
+                else:
+
+                    def make(i, name=name):
+                        return lambda: impl.forward_backward(name, xs[i], p, grad_y)
+
+                    timing = measure(make, device, n_sets, quick)
+                    entry["peak_bytes"] = memory
+                entry.update(median_ms=timing.median_ms, spread=timing.spread, samples_ms=timing.samples_ms)
+            result[pass_][name] = entry
+    return result
