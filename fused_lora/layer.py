@@ -23,8 +23,13 @@ class LoRALinear(nn.Module):
 
     init_lora_weights: True (default) = A kaiming-uniform, B zero, so the
     layer starts equal to the base layer; "gaussian" = A normal(0, 1/r), B
-    zero; False = both left with nn.Linear's random init (a non-zero update,
-    for tests). lora_dtype: the adapters' dtype (default: the layer's);
+    zero; "pissa" (PiSSA, as PEFT) = A and B from the top-r singular triplets
+    of W, so that scaling * B A is W's best rank-r part, and W replaced in
+    place by the residual W - scaling * B A (the output is unchanged, but the
+    base weight, possibly shared, changes); "pissa_niter_<n>" = the same from
+    torch.svd_lowrank with n subspace iterations (faster, randomised); False =
+    both left with nn.Linear's random init (a non-zero update, for tests).
+    lora_dtype: the adapters' dtype (default: the layer's);
     float32 adapters on a bf16 / fp16 layer compute the LoRA branch in fp32.
     """
 
@@ -83,8 +88,15 @@ class LoRALinear(nn.Module):
             raise ValueError(f"r must be a positive integer, got {r!r}")
         if lora_dropout != 0.0:
             raise NotImplementedError("lora_dropout > 0 is not supported yet: the fused kernels take p = 0")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        if init_lora_weights not in (True, False, "gaussian", "pissa") and not (
+            isinstance(init_lora_weights, str)
+            and init_lora_weights.startswith("pissa_niter_")
+            and init_lora_weights.removeprefix("pissa_niter_").isdecimal()
+        ):
+            raise ValueError(
+                "init_lora_weights must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>', "
+                f"got {init_lora_weights!r}"
+            )
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -102,8 +114,28 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
-        """Initialise A and B as PEFT does (see the class docstring)."""
+        """Initialise A and B as PEFT does (see the class docstring). "pissa"
+        also rewrites the weight in place (the residual)."""
         if init_lora_weights is False:
+            return
+        if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
+            if self.r > min(self.in_features, self.out_features):
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} needs r <= min(in, out), got r={self.r}")
+            # The SVD runs in fp32 (fp64 stays fp64) whatever W's dtype; W is rounded once, at the end.
+            w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+            if init_lora_weights == "pissa":
+                u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+                u, sigma, vh = u[:, : self.r], sigma[: self.r], vh[: self.r]
+            else:
+                niter = int(init_lora_weights.removeprefix("pissa_niter_"))
+                u, sigma, v = torch.svd_lowrank(w, q=self.r, niter=niter)
+                vh = v.T
+            # Split sigma / scaling evenly between A (r, in) and B (out, r), so scaling * B A = U_r S_r V_r^T.
+            root = torch.diag(torch.sqrt(sigma / self.scaling))
+            lora_a, lora_b = root @ vh, u @ root
+            self.lora_A.weight.copy_(lora_a)
+            self.lora_B.weight.copy_(lora_b)
+            self.weight.copy_(w - (self.scaling * lora_b) @ lora_a)
             return
         if init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
