@@ -2,10 +2,11 @@
 on CPU with TRITON_INTERPRET=1). Same interface as `torch_backend`."""
 
 import torch
+import triton
 
 from .kernels import backward
 from .kernels import forward as forward_kernels
-from .kernels.common import INTERPRETED
+from .kernels.common import INTERPRETED, dropout_mask_kernel
 
 
 def fp32_precision() -> str:
@@ -25,27 +26,27 @@ def _precision(dtype: torch.dtype) -> str:
     return fp32_precision() if dtype == torch.float32 and not INTERPRETED else "ieee"
 
 
-def forward(x, weight, bias, lora_a, lora_b, scaling, *, out=None, h_out=None):
+def forward(x, weight, bias, lora_a, lora_b, scaling, *, dropout_p=0.0, seed=0, out=None, h_out=None):
     return forward_kernels.lora_forward(
         x, weight, bias, lora_a, lora_b, scaling,
         base_precision=_precision(x.dtype), lora_precision=_precision(lora_a.dtype),
-        out=out, h_out=h_out,
+        dropout_p=dropout_p, seed=seed, out=out, h_out=h_out,
     )  # fmt: skip
 
 
-def backward_dx(grad_y, weight, lora_a, lora_b, scaling, *, compute_dx, out=None, g_out=None):
+def backward_dx(grad_y, weight, lora_a, lora_b, scaling, *, compute_dx, dropout_p=0.0, seed=0, out=None, g_out=None):
     return backward.lora_dx(
         grad_y, weight, lora_a, lora_b, scaling, compute_dx=compute_dx,
         base_precision=_precision(grad_y.dtype), lora_precision=_precision(lora_a.dtype),
-        out=out, g_out=g_out,
+        dropout_p=dropout_p, seed=seed, out=out, g_out=g_out,
     )  # fmt: skip
 
 
-def grad_a(x, g, *, out=None):
+def grad_a(x, g, *, dropout_p=0.0, seed=0, out=None):
     r, k = g.shape[1], x.shape[1]
     out = torch.empty((r, k), device=g.device, dtype=g.dtype) if out is None else out
     # The kernel writes (P, R) tiles: dA^T, through a transposed view.
-    backward.lora_grad_ab(x, g, 1.0, precision=_precision(g.dtype), out=out.t())
+    backward.lora_grad_ab(x, g, 1.0, precision=_precision(g.dtype), out=out.t(), dropout_p=dropout_p, seed=seed)
     return out
 
 
@@ -53,3 +54,13 @@ def grad_b(grad_y, h, scaling, *, out=None):
     n, r = grad_y.shape[1], h.shape[1]
     out = torch.empty((n, r), device=h.device, dtype=h.dtype) if out is None else out
     return backward.lora_grad_ab(grad_y, h, scaling, precision=_precision(h.dtype), out=out)
+
+
+def dropout_mask(m, k, dropout_p, seed, device):
+    """The (M, K) bool mask the kernels regenerate from (seed, index): True = kept."""
+    keep = torch.empty((m, k), device=device, dtype=torch.int8)
+    if m and k:
+        block = 32
+        grid = (triton.cdiv(m, block), triton.cdiv(k, block))
+        dropout_mask_kernel[grid](keep, m, k, seed, float(dropout_p), BLOCK_M=block, BLOCK_K=block)
+    return keep.bool()

@@ -137,8 +137,3 @@ def test_unmerge_without_merge_is_a_no_op():
 def test_extra_repr():
     text = repr(LoRALinear(8, 4, r=2, lora_alpha=4))
     assert "in_features=8, out_features=4, bias=True, r=2, lora_alpha=4, scaling=2, merged=False" in text
-
-
-def test_dropout_is_refused_until_fused():
-    with pytest.raises(NotImplementedError, match="lora_dropout"):
-        LoRALinear(8, 8, lora_dropout=0.1)

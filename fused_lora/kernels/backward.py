@@ -16,16 +16,17 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import INTERPRETED, accumulator_dtype, dot_operand
+from .common import INTERPRETED, accumulator_dtype, dot_operand, dropout_scale
 
 
 @triton.jit
 def lora_dx_kernel(
     dy_ptr, w_ptr, a_ptr, b_ptr, dx_ptr, g_ptr,
-    M, N, K, R, M_BUCKET, scaling,
+    M, N, K, R, M_BUCKET, scaling, seed, dropout_p,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_bn, stride_br, stride_dxm, stride_dxk, stride_gm, stride_gr,
     COMPUTE_DX: tl.constexpr,  # False: only G = s * dY B (x needs no grad)
+    DROPOUT: tl.constexpr,  # the forward dropped x on the LoRA branch: mask G A
     BASE_PRECISION: tl.constexpr,
     LORA_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -84,7 +85,10 @@ def lora_dx_kernel(
     if COMPUTE_DX:
         a_ptrs = a_ptr + ranks[:, None] * stride_ar + cols[None, :] * stride_ak  # (R_PAD, BN)
         a = tl.load(a_ptrs, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += tl.dot(dot_operand(g, UPCAST), dot_operand(a, UPCAST), input_precision=LORA_PRECISION)
+        ga = tl.dot(dot_operand(g, UPCAST), dot_operand(a, UPCAST), input_precision=LORA_PRECISION)
+        if DROPOUT:  # dL/dx through d = mask * x / (1 - p)
+            ga *= dropout_scale(seed, rows, cols, dropout_p, 1.0 / (1.0 - dropout_p))
+        acc += ga
         dx_ptrs = dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -92,9 +96,10 @@ def lora_dx_kernel(
 @triton.jit
 def lora_grad_ab_kernel(
     p_ptr, q_ptr, out_ptr,
-    M, P, R, M_PER_SPLIT, scaling,
+    M, P, R, M_PER_SPLIT, scaling, seed, dropout_p,
     stride_pm, stride_pp, stride_qm, stride_qr, stride_op, stride_or,
     ATOMIC: tl.constexpr,  # several programs share an output tile
+    DROPOUT: tl.constexpr,  # Pm is x, dropped as in the forward (dA = G^T d)
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
@@ -126,7 +131,10 @@ def lora_grad_ab_kernel(
             mask=row_ok[:, None] & rank_ok[None, :],
             other=0.0,
         )
-        p_tile = dot_operand(p_tile.to(q_tile.dtype), UPCAST)
+        p_tile = p_tile.to(q_tile.dtype)
+        if DROPOUT:
+            p_tile = (p_tile * dropout_scale(seed, rows, ps, dropout_p, 1.0 / (1.0 - dropout_p))).to(q_tile.dtype)
+        p_tile = dot_operand(p_tile, UPCAST)
         acc = tl.dot(tl.trans(p_tile), dot_operand(q_tile, UPCAST), acc, input_precision=PRECISION)
 
     acc *= scaling
@@ -140,14 +148,14 @@ def lora_grad_ab_kernel(
 
 lora_dx_tuned = triton.autotune(
     configs=configs.GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "COMPUTE_DX", "BASE_PRECISION", "LORA_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "COMPUTE_DX", "DROPOUT", "BASE_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": configs.prune_gemm_configs},
 )(lora_dx_kernel)
 
 # Atomic runs accumulate into out_ptr, so every autotune trial starts from zero.
 lora_grad_ab_tuned = triton.autotune(
     configs=configs.GRAD_AB_CONFIGS,
-    key=["M_PER_SPLIT", "P", "R_PAD", "ATOMIC", "PRECISION"],
+    key=["M_PER_SPLIT", "P", "R_PAD", "ATOMIC", "DROPOUT", "PRECISION"],
     reset_to_zero=["out_ptr"],
     prune_configs_by={"early_config_prune": configs.prune_grad_ab_configs},
 )(lora_grad_ab_kernel)
@@ -160,13 +168,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def lora_dx(
-    grad_y, weight, lora_a, lora_b, scaling, *, compute_dx, base_precision, lora_precision, out=None, g_out=None
-):
+    grad_y, weight, lora_a, lora_b, scaling, *, compute_dx, base_precision, lora_precision, dropout_p=0.0, seed=0,
+    out=None, g_out=None,
+):  # fmt: skip
     """Launch the dX kernel on checked 2-D inputs.
 
     grad_y: (M, N), weight: (N, K), lora_a: (R, K), lora_b: (N, R).
     Returns (dX: (M, K) in grad_y's dtype, or None when not compute_dx;
-    G = s * dY B: (M, R) in the adapters' dtype).
+    G = s * dY B: (M, R) in the adapters' dtype). With dropout_p > 0 the
+    G A term of dX is masked as the forward masked x (same seed).
     """
     m, n = grad_y.shape
     r, k = lora_a.shape
@@ -186,11 +196,12 @@ def lora_dx(
     dx_arg, dx_strides = (dx, dx.stride()) if kernel_dx else (g, (0, 0))
     args = (
         grad_y, weight, lora_a, lora_b, dx_arg, g,
-        m, n, k, r, configs.m_bucket(m), float(scaling),
+        m, n, k, r, configs.m_bucket(m), float(scaling), seed, float(dropout_p),
         *grad_y.stride(), *weight.stride(), *lora_a.stride(), *lora_b.stride(), *dx_strides, *g.stride(),
     )  # fmt: skip
     flags = dict(
         COMPUTE_DX=kernel_dx,
+        DROPOUT=dropout_p > 0,
         BASE_PRECISION=base_precision,
         LORA_PRECISION=lora_precision,
         UPCAST=INTERPRETED,
@@ -210,10 +221,11 @@ def lora_dx(
     return dx, g
 
 
-def lora_grad_ab(wide, skinny, scaling, *, precision, out):
+def lora_grad_ab(wide, skinny, scaling, *, precision, out, dropout_p=0.0, seed=0):
     """out (P, R) = scaling * wide^T @ skinny, reduced over M in the skinny
     operand's dtype. wide: (M, P), skinny: (M, R); `out` may be a transposed
-    view (dA^T). Splits M over programs when one tile per P block would
+    view (dA^T). With dropout_p > 0 the wide operand is x, dropped with the
+    forward's mask. Splits M over programs when one tile per P block would
     leave the GPU idle."""
     m, p = wide.shape
     r = skinny.shape[1]
@@ -236,20 +248,12 @@ def lora_grad_ab(wide, skinny, scaling, *, precision, out):
         torch.zeros((p, r), device=wide.device, dtype=torch.promote_types(out.dtype, torch.float32)) if atomic else out
     )
     args = (
-        wide,
-        skinny,
-        target,
-        m,
-        p,
-        r,
-        rows_per_split,
-        float(scaling),
-        *wide.stride(),
-        *skinny.stride(),
-        *target.stride(),
-    )
+        wide, skinny, target, m, p, r, rows_per_split, float(scaling), seed, float(dropout_p),
+        *wide.stride(), *skinny.stride(), *target.stride(),
+    )  # fmt: skip
     flags = dict(
         ATOMIC=atomic,
+        DROPOUT=dropout_p > 0,
         PRECISION=precision,
         UPCAST=INTERPRETED,
         ACC_DTYPE=accumulator_dtype(skinny.dtype),

@@ -21,6 +21,33 @@ def dot_operand(t, UPCAST: tl.constexpr):
         return t
 
 
+@triton.jit
+def dropout_scale(seed, rows, cols, p, scale):
+    """(len(rows), len(cols)) factors of inverted dropout: `scale` = 1/(1-p)
+    where an element is kept, 0 where it is dropped. The mask is a pure
+    function of (seed, row, col), the element's logical index, so the
+    forward, the backward and `dropout_mask` regenerate the same one whatever
+    the strides of x. Philox counters (col, row, 0, 0) in 32 bits: no
+    M * K overflow, and a quarter of the 64-bit variant's work."""
+    zero = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.uint32)
+    c0 = cols[None, :].to(tl.uint32) + zero
+    c1 = rows[:, None].to(tl.uint32) + zero
+    bits, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    keep = tl.uint_to_uniform_float(bits) >= p
+    return tl.where(keep, scale, 0.0)
+
+
+@triton.jit
+def dropout_mask_kernel(keep_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """keep[m, k] = 1 where dropout keeps x[m, k] (tests and debugging)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = dropout_scale(seed, rows, cols, p, 1.0) > 0
+    tl.store(
+        keep_ptr + rows[:, None] * K + cols[None, :], keep.to(tl.int8), mask=(rows[:, None] < M) & (cols[None, :] < K)
+    )
+
+
 def accumulator_dtype(dtype: torch.dtype):
     """fp32 accumulation, except float64 (interpreter only), whose dot needs
     a float64 accumulator: the interpreter returns garbage for fp64 operands

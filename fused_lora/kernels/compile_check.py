@@ -48,6 +48,7 @@ class CompileResult:
     adapter_dtype: str
     r_pad: int
     config: str
+    dropout: bool
     shared: int
     shared_limit: int
     registers: int
@@ -84,8 +85,10 @@ def _signature(kernel, x_dtype, adapter_dtype):
             signature[name] = "constexpr"
         elif name in ints or name.startswith("stride_"):
             signature[name] = "i32"
-        elif name == "scaling":
+        elif name in ("scaling", "dropout_p"):
             signature[name] = "fp32"
+        elif name == "seed":
+            signature[name] = "i32"
         elif name not in signature:
             signature[name] = "constexpr"
     return fn, signature
@@ -100,7 +103,7 @@ UNIT_STRIDES = {
     "stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_yn", "stride_hr",
     "stride_dyn", "stride_dxk", "stride_gr", "stride_pp", "stride_qr", "stride_or",
 }  # fmt: skip
-NOT_MULTIPLE_OF_16 = {"M", "R", "scaling"}
+NOT_MULTIPLE_OF_16 = {"M", "R", "scaling", "seed", "dropout_p"}
 
 
 def _attrs(fn, signature):
@@ -115,8 +118,8 @@ def _precision(dtype):
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
-def _constexprs(kernel, x_dtype, adapter_dtype, r_pad, meta):
-    flags = dict(UPCAST=False, ACC_DTYPE=tl.float32, R_PAD=r_pad, **meta)
+def _constexprs(kernel, x_dtype, adapter_dtype, r_pad, meta, dropout=False):
+    flags = dict(UPCAST=False, ACC_DTYPE=tl.float32, R_PAD=r_pad, DROPOUT=dropout, **meta)
     if kernel == "forward":
         flags.update(HAS_BIAS=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype))
     elif kernel == "dx":
@@ -150,10 +153,11 @@ def _ptxas_report(ptx: str, arch: int):
     return registers, spills
 
 
-def compile_kernel(kernel, arch, x_dtype, adapter_dtype, config, r_pad=16) -> CompileResult:
-    """Compile one kernel for sm_<arch> with one autotune config."""
+def compile_kernel(kernel, arch, x_dtype, adapter_dtype, config, r_pad=16, dropout=False) -> CompileResult:
+    """Compile one kernel for sm_<arch> with one autotune config (and the
+    dropout path when `dropout`)."""
     fn, signature = _signature(kernel, x_dtype, adapter_dtype)
-    constexprs = _constexprs(kernel, x_dtype, adapter_dtype, r_pad, config.kwargs)
+    constexprs = _constexprs(kernel, x_dtype, adapter_dtype, r_pad, config.kwargs, dropout)
     constexprs.update({name: 1 for name in UNIT_STRIDES if name in fn.arg_names})
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=_attrs(fn, signature))
     options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
@@ -165,6 +169,7 @@ def compile_kernel(kernel, arch, x_dtype, adapter_dtype, config, r_pad=16) -> Co
         dtype=DTYPE_NAMES[x_dtype],
         adapter_dtype=DTYPE_NAMES[adapter_dtype],
         r_pad=r_pad,
+        dropout=dropout,
         config=" ".join(f"{k}={v}" for k, v in config.all_kwargs().items()),
         shared=compiled.metadata.shared,
         shared_limit=configs.SHARED_MEMORY_LIMIT[arch],
@@ -186,12 +191,13 @@ def kernel_configs(kernel, r_pad=16, dtype=torch.bfloat16, adapter_dtype=None):
 
 def suite_cases():
     """What the test suite compiles: every kernel x dtype pair x {sm_80,
-    sm_90} with the first config, and every config for bf16 on sm_90, at
-    r = 16 and r = 256."""
+    sm_90} with the first config (and bf16 with dropout), and every config
+    for bf16 on sm_90, at r = 16 and r = 256."""
     for kernel in KERNELS:
         for arch in (80, 90):
             for x_dtype, adapter_dtype in DTYPE_PAIRS:
                 yield kernel, arch, x_dtype, adapter_dtype, kernel_configs(kernel, 16, x_dtype, adapter_dtype)[0], 16
+            yield kernel, arch, torch.bfloat16, torch.bfloat16, kernel_configs(kernel)[0], 16, True
         for r_pad in (16, 256):
             for config in kernel_configs(kernel, r_pad)[r_pad == 16 :]:
                 yield kernel, 90, torch.bfloat16, torch.bfloat16, config, r_pad

@@ -15,16 +15,17 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import INTERPRETED, accumulator_dtype, dot_operand
+from .common import INTERPRETED, accumulator_dtype, dot_operand, dropout_scale
 
 
 @triton.jit
 def lora_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, h_ptr,
-    M, N, K, R, M_BUCKET, scaling,
+    M, N, K, R, M_BUCKET, scaling, seed, dropout_p,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_bn, stride_br, stride_ym, stride_yn, stride_hm, stride_hr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,  # dropout on the LoRA branch's input, p = dropout_p
     BASE_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
     LORA_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong
@@ -67,7 +68,10 @@ def lora_forward_kernel(
         acc = tl.dot(dot_operand(x, UPCAST), dot_operand(wt, UPCAST), acc, input_precision=BASE_PRECISION)
         # The LoRA branch computes in the adapters' dtype (PEFT): an fp32
         # adapter upcasts the x tile in registers, x itself stays as it is.
-        x_lora = dot_operand(x.to(at.dtype), UPCAST)
+        x_lora = x.to(at.dtype)
+        if DROPOUT:
+            x_lora = (x_lora * dropout_scale(seed, rows, k0 + ks, dropout_p, 1.0 / (1.0 - dropout_p))).to(at.dtype)
+        x_lora = dot_operand(x_lora, UPCAST)
         h = tl.dot(x_lora, dot_operand(at, UPCAST), h, input_precision=LORA_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         wt_ptrs += BLOCK_K * stride_wk
@@ -93,17 +97,21 @@ def lora_forward_kernel(
 
 lora_forward_tuned = triton.autotune(
     configs=configs.GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "BASE_PRECISION", "LORA_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT", "BASE_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": configs.prune_gemm_configs},
 )(lora_forward_kernel)
 
 
-def lora_forward(x, weight, bias, lora_a, lora_b, scaling, *, base_precision, lora_precision, out=None, h_out=None):
+def lora_forward(
+    x, weight, bias, lora_a, lora_b, scaling, *, base_precision, lora_precision, dropout_p=0.0, seed=0, out=None,
+    h_out=None,
+):  # fmt: skip
     """Launch the fused forward on checked 2-D inputs.
 
     x: (M, K), weight: (N, K), bias: (N,) or None, lora_a: (R, K),
     lora_b: (N, R). Returns (y: (M, N) in x's dtype, H: (M, R) in the
-    adapters' dtype). `out` / `h_out` are optional preallocated outputs.
+    adapters' dtype; H = dropout(x) A^T with the mask of (seed, index)).
+    `out` / `h_out` are optional preallocated outputs.
     """
     m, k = x.shape
     n, r = weight.shape[0], lora_a.shape[0]
@@ -117,11 +125,12 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scaling, *, base_precision, lo
         return y, h
     args = (
         x, weight, bias if bias is not None else x, lora_a, lora_b, y, h,
-        m, n, k, r, configs.m_bucket(m), float(scaling),
+        m, n, k, r, configs.m_bucket(m), float(scaling), seed, float(dropout_p),
         *x.stride(), *weight.stride(), *lora_a.stride(), *lora_b.stride(), *y.stride(), *h.stride(),
     )  # fmt: skip
     flags = dict(
         HAS_BIAS=bias is not None,
+        DROPOUT=dropout_p > 0,
         BASE_PRECISION=base_precision,
         LORA_PRECISION=lora_precision,
         UPCAST=INTERPRETED,
