@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import lora_linear
+from .functional import check_dropout, lora_linear
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -20,6 +20,9 @@ class LoRALinear(nn.Module):
     Parameters, named as in PEFT: `weight` (out, in) and `bias` (out,) frozen;
     `lora_A.weight` (r, in) and `lora_B.weight` (out, r) trainable.
     scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora).
+    lora_dropout: in training mode, dropout with this p on the LoRA branch's
+    input, fused into the kernels (the backward regenerates the mask from a
+    seed drawn per call); none in eval mode.
 
     init_lora_weights: True (default) = A kaiming-uniform, B zero, so the
     layer starts equal to the base layer; "gaussian" = A normal(0, 1/r), B
@@ -86,8 +89,7 @@ class LoRALinear(nn.Module):
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be a positive integer, got {r!r}")
-        if lora_dropout != 0.0:
-            raise NotImplementedError("lora_dropout > 0 is not supported yet: the fused kernels take p = 0")
+        check_dropout(lora_dropout, None)
         if init_lora_weights not in (True, False, "gaussian", "pissa") and not (
             isinstance(init_lora_weights, str)
             and init_lora_weights.startswith("pissa_niter_")
@@ -116,6 +118,8 @@ class LoRALinear(nn.Module):
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
         """Initialise A and B as PEFT does (see the class docstring). "pissa"
         also rewrites the weight in place (the residual)."""
+        # Remembered for adapter configs: a PiSSA adapter only fits PiSSA's residual weight.
+        self.init_lora_weights = init_lora_weights
         if init_lora_weights is False:
             return
         if isinstance(init_lora_weights, str) and init_lora_weights.startswith("pissa"):
@@ -170,7 +174,10 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # the update is already in W
             return F.linear(x, self.weight, self.bias)
-        return lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        dropout_p = self.lora_dropout if self.training else 0.0  # eval mode has no dropout
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, dropout_p=dropout_p
+        )
 
     def extra_repr(self) -> str:
         return (
