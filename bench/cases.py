@@ -16,10 +16,11 @@ class Case:
     r: int
     dtype: str
     where: str = ""
+    dropout: float = 0.0
 
     @property
     def label(self) -> str:
-        return f"{self.m}x{self.k}x{self.n} r{self.r} {self.dtype}"
+        return f"{self.m}x{self.k}x{self.n} r{self.r} {self.dtype}" + (f" p{self.dropout:g}" if self.dropout else "")
 
 
 # M x K x N of a 7-8B model (Llama-3-8B): decode and prefill of an attention
@@ -37,17 +38,23 @@ def gpu_preset():
     cases = [Case(m, k, n, r, "bf16", where) for r in (16, 64) for m, k, n, where in MODEL_SHAPES]
     cases += [Case(4096, 4096, 4096, r, "bf16", "large rank") for r in (128, 256)]
     cases += [Case(4096, 4096, 4096, 16, dtype, "other dtype") for dtype in ("fp16", "fp32")]
+    cases += [Case(4096, 4096, 4096, 16, "bf16", "training with dropout", dropout=0.1)]
     return cases
 
 
 def cpu_preset():
-    return [Case(2048, size, size, 16, "fp32", "CPU preset") for size in (1024, 2048)]
+    cases = [Case(2048, size, size, 16, "fp32", "CPU preset") for size in (1024, 2048)]
+    return [*cases, Case(2048, 1024, 1024, 16, "fp32", "CPU preset, dropout", dropout=0.1)]
 
 
 def quick_preset(on_gpu: bool):
     """A smoke test (CI): every code path, tiny shapes, numbers mean nothing."""
     dtype = "bf16" if on_gpu else "fp32"
-    return [Case(16, 256, 192, 16, dtype, "quick decode"), Case(512, 256, 384, 16, dtype, "quick prefill")]
+    return [
+        Case(16, 256, 192, 16, dtype, "quick decode"),
+        Case(512, 256, 384, 16, dtype, "quick prefill"),
+        Case(512, 256, 384, 16, dtype, "quick dropout", dropout=0.1),
+    ]
 
 
 def custom(shapes: str, ranks: str, dtype: str):
@@ -70,7 +77,7 @@ def targets(case: Case, pass_: str, on_gpu: bool) -> dict:
         if pass_ == "forward" and case.m >= 2048:
             t["fused/merged"] = ("<=", 1.08)
         return t
-    if case.dtype != "bf16":
+    if case.dtype != "bf16" or case.dropout:
         return t
     if pass_ == "forward":
         if case.m >= 4096:

@@ -7,7 +7,9 @@
 
 Each is a function (x, p) -> y over the same tensors p = Params; for forward
 + backward the benchmark differentiates with respect to x, A and B (W
-frozen); `merged` only has x (its backward is the dX GEMM).
+frozen); `merged` only has x (its backward is the dX GEMM). With dropout,
+`naive` uses torch's dropout and `fused` its own; `composed` has none
+(Unsloth's fast path needs p = 0) and `merged` cannot have any.
 """
 
 import dataclasses
@@ -26,9 +28,11 @@ class Params:
     lora_b: torch.Tensor
     scaling: float
     merged_weight: torch.Tensor
+    dropout_p: float = 0.0
+    seed: int = 1234
 
     @classmethod
-    def random(cls, k, n, r, dtype, device, bias=True):
+    def random(cls, k, n, r, dtype, device, bias=True, dropout_p=0.0):
         def randn(*shape, scale):
             return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
 
@@ -43,6 +47,7 @@ class Params:
             lora_b=lora_b,
             scaling=scaling,
             merged_weight=reference.merged_weight(weight, lora_a.detach(), lora_b.detach(), scaling),
+            dropout_p=dropout_p,
         )
 
 
@@ -83,7 +88,7 @@ def merged(x, p: Params):
 
 
 def naive(x, p: Params):
-    return reference.naive(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling)
+    return reference.naive(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling, p.dropout_p)
 
 
 def composed(x, p: Params):
@@ -91,10 +96,28 @@ def composed(x, p: Params):
 
 
 def fused(x, p: Params):
-    return fused_lora.lora_linear(x, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling)
+    return fused_lora.lora_linear(
+        x, p.weight, p.bias, p.lora_a, p.lora_b, p.scaling, dropout_p=p.dropout_p, seed=p.seed
+    )
 
 
 IMPLEMENTATIONS = {"merged": merged, "naive": naive, "composed": composed, "fused": fused}
+
+
+def applicable(name, p: Params) -> bool:
+    return not (name == "composed" and p.dropout_p > 0)
+
+
+def dropout_factors(name, x, p: Params, rng_seed: int):
+    """The (M, K) factors mask / (1 - p) that implementation `name` applies to
+    x when torch's generator is seeded with rng_seed (None: no dropout)."""
+    if p.dropout_p == 0 or name == "merged":
+        return None
+    if name == "fused":
+        mask = fused_lora.dropout_mask(x.shape, p.dropout_p, p.seed, x.device)
+        return mask.double() / (1 - p.dropout_p)
+    torch.manual_seed(rng_seed)  # naive: replay nn.Dropout's draw on a tensor of ones
+    return torch.nn.functional.dropout(torch.ones_like(x, dtype=p.lora_a.dtype), p.dropout_p).double()
 
 
 def grad_inputs(name, x, p: Params):

@@ -95,8 +95,11 @@ def table(rows: list[dict], env: dict) -> str:
         s = row["summary"]
         times = []
         for name in IMPLS:
-            entry = row["result"].get(name, {})
-            times.append("FAILED" if not entry.get("check_ok", True) else f"{entry.get('median_ms', 0):.4f}")
+            entry = row["result"].get(name)
+            if entry is None:
+                times.append("n/a")
+            else:
+                times.append(f"{entry['median_ms']:.4f}" if entry["check_ok"] else "FAILED")
         floor = s["floor_ms"]
         goal = s["targets"]
         lines.append(

@@ -14,24 +14,35 @@ PASSES = ("forward", "forward+backward")
 
 def make_inputs(case: Case, device, n_sets: int = 1):
     dtype = DTYPES[case.dtype]
-    p = impl.Params.random(case.k, case.n, case.r, dtype, device)
+    p = impl.Params.random(case.k, case.n, case.r, dtype, device, dropout_p=case.dropout)
     xs = [torch.randn(case.m, case.k, device=device, dtype=dtype).requires_grad_() for _ in range(n_sets)]
     grad_y = torch.randn(case.m, case.n, device=device, dtype=dtype)
     return p, xs, grad_y
 
 
-def reference(x, p: impl.Params, grad_y):
-    """float64 output and gradients of x, A, B (on x's device: fast on a GPU)."""
+def reference(x, p: impl.Params, grad_y, dropout_factors=None):
+    """float64 output and gradients of x, A, B (on x's device: fast on a GPU),
+    with the LoRA branch's input multiplied by dropout_factors if given."""
     leaves = [t.detach().double().requires_grad_() for t in (x, p.lora_a, p.lora_b)]
     w, b = p.weight.double(), None if p.bias is None else p.bias.double()
     y = lora_linear_reference(leaves[0], w, b, leaves[1], leaves[2], p.scaling).to(x.device)
+    if dropout_factors is not None:
+        d = leaves[0] * dropout_factors
+        y = torch.nn.functional.linear(leaves[0], w, b) + p.scaling * (d @ leaves[1].t()) @ leaves[2].t()
     return y, torch.autograd.grad(y, leaves, grad_y.double())
 
 
 def check(name, x, p, grad_y, ref, dtype):
-    """{"forward": (ok, worst error / allowed), "forward+backward": ...}."""
+    """{"forward": (ok, worst error / allowed), "forward+backward": ...}.
+    With dropout the reference is rebuilt with the implementation's own mask."""
+    rng_seed = 99
+    factors = impl.dropout_factors(name, x, p, rng_seed)
+    if factors is not None:
+        ref = reference(x, p, grad_y, factors)
     ref_y, ref_grads = ref
+    torch.manual_seed(rng_seed)
     y = impl.IMPLEMENTATIONS[name](x, p)
+    torch.manual_seed(rng_seed)
     grads = impl.forward_backward(name, x, p, grad_y)
     forward = within_tolerance(y, ref_y, dtype)
     backward = [within_tolerance(g, r, dtype, "gradients") for g, r in zip(grads, ref_grads, strict=False)]
@@ -73,6 +84,8 @@ def run_case(case: Case, device, quick=False) -> dict:
     ref = reference(xs[0], p, grad_y)
     result = {pass_: {} for pass_ in PASSES}
     for name in impl.IMPLEMENTATIONS:
+        if not impl.applicable(name, p):
+            continue
         checked = check(name, xs[0], p, grad_y, ref, dtype)
         memory = peak_bytes(name, xs[0], p, grad_y)
         for pass_ in PASSES:

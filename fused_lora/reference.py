@@ -44,11 +44,13 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling):
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, lora_a), lora_b)
 
 
-def naive(x, weight, bias, lora_a, lora_b, scaling):
+def naive(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0):
     """PEFT's path: three GEMMs, an M x N temporary, the adapters' dtype for
-    the LoRA branch (x cast to it), the sum cast back to x's dtype."""
+    the LoRA branch (x cast to it, then nn.Dropout's), the sum cast back to
+    x's dtype."""
     result = F.linear(x, weight, bias)
-    update = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scaling
+    dropped = F.dropout(x.to(lora_a.dtype), dropout_p) if dropout_p > 0 else x.to(lora_a.dtype)
+    update = F.linear(F.linear(dropped, lora_a), lora_b) * scaling
     return (result + update).to(x.dtype)
 
 
