@@ -8,9 +8,11 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_lora*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.11", "triton>=3.6", "numpy"],
+    install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "peft", "transformers", "scikit-learn"],
+        "interop": ["peft", "transformers"],
+        "examples": ["scikit-learn"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     license="Apache-2.0",

@@ -1,0 +1,179 @@
+"""LoRA on a whole model: apply_lora, count_parameters, merge_and_unload, unload.
+
+Module names are matched as PEFT matches `target_modules`:
+
+    a list of names   a module whose full name equals an entry, or ends with "." + entry
+                      (["q_proj", "v_proj"] hits "model.layers.0.self_attn.q_proj")
+    a string          a regular expression, re.fullmatch'ed against the full name
+    "all-linear"      every nn.Linear except the model's output layer (get_output_embeddings())
+
+and `rank_pattern` / `alpha_pattern` as PEFT does: the first key k (a regex) for
+which re.match(rf"(.*\\.)?({k})$", name) holds gives that module's r / lora_alpha.
+"""
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .layer import LoRALinear
+
+ALL_LINEAR = "all-linear"
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRALinear modules by full name, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def matches_target(name: str, target_modules: str | Iterable[str]) -> bool:
+    """True when the module name `name` is selected by `target_modules` (PEFT's rule, above)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def pattern_value(pattern: dict, name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the value of the first key
+    matching the end of `name` on a "." boundary, else `default`."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _check_target_modules(target_modules) -> None:
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError("target_modules must not be empty")
+        return
+    if not isinstance(target_modules, Iterable) or isinstance(target_modules, bytes):
+        raise TypeError(
+            f"target_modules must be a list of names or a regex string, got {type(target_modules).__name__}"
+        )
+    target_modules = list(target_modules)
+    if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
+        raise ValueError(f"target_modules must be a non-empty list of non-empty names, got {target_modules!r}")
+
+
+def _output_layer_name(model: nn.Module) -> str | None:
+    """The name of a transformers model's output layer (lm_head), which "all-linear" leaves out, as PEFT does."""
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    output = get_output_embeddings() if callable(get_output_embeddings) else None
+    return next((name for name, module in model.named_modules() if module is output), None)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called `name` (a full dotted name) by `module`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, module)
+
+
+def select_modules(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    """(name, module) for every module target_modules selects, never the root nor a LoRA layer's own A / B."""
+    inside_lora = tuple(name + "." for name in lora_layers(model))
+    candidates = [(n, m) for n, m in model.named_modules() if n and not n.startswith(inside_lora)]
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        output = _output_layer_name(model)
+        return [(n, m) for n, m in candidates if isinstance(m, nn.Linear | LoRALinear) and n != output]
+    return [(n, m) for n, m in candidates if matches_target(n, target_modules)]
+
+
+def apply_lora(
+    model: nn.Module,
+    target_modules: str | list[str],
+    *,
+    r: int = 8,
+    lora_alpha: float = 8,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    init_lora_weights: bool | str = True,
+    lora_dtype: torch.dtype | None = None,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+) -> nn.Module:
+    """Put a LoRA adapter on every nn.Linear that `target_modules` selects, in place.
+
+    Each selected nn.Linear is replaced by `LoRALinear.from_linear(linear, ...)`,
+    which shares its weight and bias (no copy). Afterwards only LoRA
+    parameters (lora_A / lora_B of every LoRALinear in the model) require
+    grad; every other parameter is frozen. Arguments are PEFT's LoraConfig
+    fields (see the module docstring for the matching rules); rank_pattern /
+    alpha_pattern override r / lora_alpha per module. init_lora_weights="pissa"
+    rewrites each selected base weight (see LoRALinear).
+
+    Returns the model. Raises ValueError when nothing matches, when a
+    selected module is not an nn.Linear, or when it already has an adapter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_target_modules(target_modules)
+    selected = select_modules(model, target_modules)
+    if not selected:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:10]
+        raise ValueError(f"target_modules={target_modules!r} matched no module; nn.Linear modules include {linears}")
+    for name, module in selected:
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"module {name!r} already has a LoRA adapter (one adapter per layer)")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"target_modules={target_modules!r} selects {name!r}, a {type(module).__name__}; "
+                "only nn.Linear modules can take a LoRA adapter"
+            )
+
+    for name, linear in selected:
+        layer = LoRALinear.from_linear(
+            linear,
+            r=pattern_value(rank_pattern or {}, name, r),
+            lora_alpha=pattern_value(alpha_pattern or {}, name, lora_alpha),
+            lora_dropout=lora_dropout,
+            use_rslora=use_rslora,
+            init_lora_weights=init_lora_weights,
+            lora_dtype=lora_dtype,
+        )
+        set_submodule(model, name, layer)
+
+    adapters = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapters)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total): the number of parameter elements that require grad,
+    and of all parameters (a tensor shared by several modules counts once)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def base_linear(layer: LoRALinear) -> nn.Linear:
+    """A plain nn.Linear sharing `layer`'s weight and bias Parameters (no copy)."""
+    has_bias = layer.bias is not None
+    linear = nn.Linear(layer.in_features, layer.out_features, has_bias, device="meta")
+    linear.weight = layer.weight
+    if has_bias:
+        linear.bias = layer.bias
+    return linear
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every LoRA layer (W += scaling * B A, in place, fp32, rounded
+    once) and put back plain nn.Linear modules holding the merged weights, as
+    PEFT's merge_and_unload does. The weights are shared with the LoRA layers
+    they came from, so those layers are consumed. Returns the model."""
+    for name, layer in lora_layers(model).items():
+        layer.merge()
+        set_submodule(model, name, base_linear(layer))
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop the adapters without merging: plain nn.Linear modules with the
+    current base weights (a merged layer is unmerged first; a PiSSA layer
+    keeps its residual weight, as in PEFT). Returns the model."""
+    for name, layer in lora_layers(model).items():
+        layer.unmerge()
+        set_submodule(model, name, base_linear(layer))
+    return model
