@@ -90,6 +90,7 @@ def targets(case: Case, pass_: str, on_gpu: bool) -> dict:
         if (case.m, case.k, case.n, case.r) == (4096, 4096, 4096, 16):
             t["naive/fused"] = (">=", 1.30)
             t["composed/fused"] = (">=", 1.10)
+        t["triton-base/merged"] = ("<=", 1.05)
     else:
         t["fused/merged"] = ("<=", 1.10)
         if 4096 <= case.m <= 8192:

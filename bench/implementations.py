@@ -17,7 +17,8 @@ import dataclasses
 import torch
 
 import fused_lora
-from fused_lora import reference
+from fused_lora import reference, triton_backend
+from fused_lora.kernels.forward import lora_forward
 
 
 @dataclasses.dataclass
@@ -102,6 +103,14 @@ def fused(x, p: Params):
 
 
 IMPLEMENTATIONS = {"merged": merged, "naive": naive, "composed": composed, "fused": fused}
+
+
+def triton_base(x, p: Params):
+    """The fused kernel's own GEMM with the LoRA part switched off (GPU,
+    forward only): x W^T + bias, to compare our GEMM with cuBLAS's."""
+    precision = triton_backend.fp32_precision() if x.dtype == torch.float32 else "ieee"
+    y, _ = lora_forward(x, p.weight, p.bias, None, None, 0.0, base_precision=precision, lora_precision=precision)
+    return y
 
 
 def applicable(name, p: Params) -> bool:

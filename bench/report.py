@@ -53,6 +53,7 @@ def ratios(pass_result: dict) -> dict:
         return None if a is None or b is None else a / b
 
     out = {f"{name}/merged": div(t[name], t["merged"]) for name in IMPLS if name != "merged"}
+    out["triton-base/merged"] = div(pass_result.get("triton-base", {}).get("median_ms"), t["merged"])
     out["naive/fused"] = div(t["naive"], t["fused"])
     out["composed/fused"] = div(t["composed"], t["fused"])
     memory = {name: pass_result.get(name, {}).get("peak_bytes") for name in ("fused", "merged")}
@@ -89,6 +90,7 @@ def table(rows: list[dict], env: dict) -> str:
         f"{'case':<28} {'pass':<6} "
         + " ".join(f"{name + ' ms':>12}" for name in IMPLS)
         + f" {'floor ms':>9}  {'fused/merged':<22} {'naive/fused':<22} {'composed/fused':<22} {'mem f/m':<16}"
+        + f" {'base/merged':<16}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -109,7 +111,8 @@ def table(rows: list[dict], env: dict) -> str:
             + f"{_fmt_ratio(s['ratios'].get('fused/merged'), goal.get('fused/merged')):<22} "
             + f"{_fmt_ratio(s['ratios'].get('naive/fused'), goal.get('naive/fused')):<22} "
             + f"{_fmt_ratio(s['ratios'].get('composed/fused'), goal.get('composed/fused')):<22} "
-            + f"{_fmt_ratio(s['ratios'].get('memory fused/merged'), goal.get('memory fused/merged')):<16}"
+            + f"{_fmt_ratio(s['ratios'].get('memory fused/merged'), goal.get('memory fused/merged')):<16} "
+            + f"{_fmt_ratio(s['ratios'].get('triton-base/merged'), goal.get('triton-base/merged')):<16}"
         )
     return "\n".join(lines)
 

@@ -108,4 +108,18 @@ def run_case(case: Case, device, quick=False) -> dict:
                     entry["peak_bytes"] = memory
                 entry.update(median_ms=timing.median_ms, spread=timing.spread, samples_ms=timing.samples_ms)
             result[pass_][name] = entry
+    if device.type == "cuda":
+        result["forward"]["triton-base"] = time_triton_base(xs, p, dtype, device, n_sets, quick)
     return result
+
+
+def time_triton_base(xs, p, dtype, device, n_sets, quick):
+    """Our GEMM alone, checked against x W^T + b in float64, then timed."""
+    ref = torch.nn.functional.linear(xs[0].double(), p.weight.double(), None if p.bias is None else p.bias.double())
+    with torch.no_grad():
+        ok, worst = within_tolerance(impl.triton_base(xs[0], p), ref, dtype)
+        entry = {"check_ok": ok, "worst_error_over_allowed": worst}
+        if ok:
+            timing = measure(lambda i: lambda: impl.triton_base(xs[i], p), device, n_sets, quick)
+            entry.update(median_ms=timing.median_ms, spread=timing.spread, samples_ms=timing.samples_ms)
+    return entry

@@ -110,3 +110,19 @@ def test_forward_offsets_past_int32():
     )
     ref = lora_linear_reference(*inputs.values(), 0.5)
     assert_matches_reference(out, ref, torch.float16, name="y")
+
+
+@pytest.mark.parametrize(("dtype", "adapter_dtype"), DTYPE_PAIRS[:3], ids=PAIR_IDS[:3])
+def test_base_gemm_alone(dtype, adapter_dtype):
+    """lora_a = lora_b = None: the kernel's own GEMM (the benchmark's
+    triton-base row) gives x W^T + bias."""
+    from fused_lora.kernels.forward import lora_forward
+
+    inputs = lora_inputs(33, 100, 70, 4, dtype, adapter_dtype, device=DEVICE)
+    out = poisoned((33, 70), dtype, DEVICE)
+    with configs.use_interpreter_config("small"):
+        y, h = lora_forward(padded(inputs["x"]), padded(inputs["weight"]), inputs["bias"], None, None, 1.0,
+                            base_precision="ieee", lora_precision="ieee", out=out)  # fmt: skip
+    assert y is out and h is None
+    ref = torch.nn.functional.linear(*(inputs[n].double().cpu() for n in ("x", "weight", "bias")))
+    assert_matches_reference(y, ref, dtype, name="y")

@@ -121,7 +121,9 @@ def _precision(dtype):
 def _constexprs(kernel, x_dtype, adapter_dtype, r_pad, meta, dropout=False):
     flags = dict(UPCAST=False, ACC_DTYPE=tl.float32, R_PAD=r_pad, DROPOUT=dropout, **meta)
     if kernel == "forward":
-        flags.update(HAS_BIAS=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype))
+        flags.update(
+            HAS_BIAS=True, HAS_LORA=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype)
+        )
     elif kernel == "dx":
         flags.update(COMPUTE_DX=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype))
     else:

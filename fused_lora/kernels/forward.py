@@ -25,6 +25,7 @@ def lora_forward_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_bn, stride_br, stride_ym, stride_yn, stride_hm, stride_hr,
     HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,  # False: the plain GEMM (the benchmark's triton-base row)
     DROPOUT: tl.constexpr,  # dropout on the LoRA branch's input, p = dropout_p
     BASE_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
     LORA_PRECISION: tl.constexpr,
@@ -64,30 +65,31 @@ def lora_forward_kernel(
         k_ok = ks < K - k0
         x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         wt = tl.load(wt_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        at = tl.load(at_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
         acc = tl.dot(dot_operand(x, UPCAST), dot_operand(wt, UPCAST), acc, input_precision=BASE_PRECISION)
-        # The LoRA branch computes in the adapters' dtype (PEFT): an fp32
-        # adapter upcasts the x tile in registers, x itself stays as it is.
-        x_lora = x.to(at.dtype)
-        if DROPOUT:
-            x_lora = (x_lora * dropout_scale(seed, rows, k0 + ks, dropout_p, 1.0 / (1.0 - dropout_p))).to(at.dtype)
-        x_lora = dot_operand(x_lora, UPCAST)
-        h = tl.dot(x_lora, dot_operand(at, UPCAST), h, input_precision=LORA_PRECISION)
+        if HAS_LORA:
+            at = tl.load(at_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            # The LoRA branch computes in the adapters' dtype (PEFT): an fp32
+            # adapter upcasts the x tile in registers, x itself stays as it is.
+            x_lora = x.to(at.dtype)
+            if DROPOUT:
+                x_lora = x_lora * dropout_scale(seed, rows, k0 + ks, dropout_p, 1.0 / (1.0 - dropout_p))
+                x_lora = x_lora.to(at.dtype)
+            h = tl.dot(dot_operand(x_lora, UPCAST), dot_operand(at, UPCAST), h, input_precision=LORA_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         wt_ptrs += BLOCK_K * stride_wk
         at_ptrs += BLOCK_K * stride_ak
 
-    # H is rounded to the adapters' dtype once: the epilogue uses the same
-    # values the backward will read.
-    h = h.to(h_ptr.dtype.element_ty)
-    if pid_n == 0:
-        h_ptrs = h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr
-        tl.store(h_ptrs, h, mask=row_ok[:, None] & rank_ok[None, :])
-
-    bt_ptrs = b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn  # (R_PAD, BN) = B^T
-    bt = tl.load(bt_ptrs, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    lora = tl.dot(dot_operand(h, UPCAST), dot_operand(bt, UPCAST), input_precision=LORA_PRECISION)
-    acc += scaling * lora
+    if HAS_LORA:
+        # H is rounded to the adapters' dtype once: the epilogue uses the same
+        # values the backward will read.
+        h = h.to(h_ptr.dtype.element_ty)
+        if pid_n == 0:
+            h_ptrs = h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr
+            tl.store(h_ptrs, h, mask=row_ok[:, None] & rank_ok[None, :])
+        bt_ptrs = b_ptr + ranks[:, None] * stride_br + cols[None, :] * stride_bn  # (R_PAD, BN) = B^T
+        bt = tl.load(bt_ptrs, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        lora = tl.dot(dot_operand(h, UPCAST), dot_operand(bt, UPCAST), input_precision=LORA_PRECISION)
+        acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
 
@@ -97,7 +99,7 @@ def lora_forward_kernel(
 
 lora_forward_tuned = triton.autotune(
     configs=configs.GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "DROPOUT", "BASE_PRECISION", "LORA_PRECISION"],
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "HAS_LORA", "DROPOUT", "BASE_PRECISION", "LORA_PRECISION"],
     prune_configs_by={"early_config_prune": configs.prune_gemm_configs},
 )(lora_forward_kernel)
 
@@ -111,25 +113,35 @@ def lora_forward(
     x: (M, K), weight: (N, K), bias: (N,) or None, lora_a: (R, K),
     lora_b: (N, R). Returns (y: (M, N) in x's dtype, H: (M, R) in the
     adapters' dtype; H = dropout(x) A^T with the mask of (seed, index)).
-    `out` / `h_out` are optional preallocated outputs.
+    `out` / `h_out` are optional preallocated outputs. lora_a = lora_b =
+    None runs the kernel's GEMM alone (y = x W^T + bias, H None): the
+    benchmark's triton-base row.
     """
     m, k = x.shape
-    n, r = weight.shape[0], lora_a.shape[0]
+    n = weight.shape[0]
+    has_lora = lora_a is not None
+    r = lora_a.shape[0] if has_lora else 1
     y = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
-    h = torch.empty((m, r), device=x.device, dtype=lora_a.dtype) if h_out is None else h_out
+    h = None
+    if has_lora:
+        h = torch.empty((m, r), device=x.device, dtype=lora_a.dtype) if h_out is None else h_out
     if m == 0 or n == 0:
         return y, h
     if k == 0:  # no K loop: y = bias, H = 0
         y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
-        h.zero_()
+        if h is not None:
+            h.zero_()
         return y, h
+    # Without LoRA the kernel never touches A, B or H: x stands in for them.
+    a, b, h_arg = (lora_a, lora_b, h) if has_lora else (x, x, x)
     args = (
-        x, weight, bias if bias is not None else x, lora_a, lora_b, y, h,
+        x, weight, bias if bias is not None else x, a, b, y, h_arg,
         m, n, k, r, configs.m_bucket(m), float(scaling), seed, float(dropout_p),
-        *x.stride(), *weight.stride(), *lora_a.stride(), *lora_b.stride(), *y.stride(), *h.stride(),
+        *x.stride(), *weight.stride(), *a.stride(), *b.stride(), *y.stride(), *h_arg.stride(),
     )  # fmt: skip
     flags = dict(
         HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora,
         DROPOUT=dropout_p > 0,
         BASE_PRECISION=base_precision,
         LORA_PRECISION=lora_precision,
