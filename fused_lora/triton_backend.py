@@ -26,7 +26,17 @@ def _precision(dtype: torch.dtype) -> str:
     return fp32_precision() if dtype == torch.float32 and not INTERPRETED else "ieee"
 
 
+# The kernels keep a (BLOCK_M x R_PAD) accumulator in registers; past 256 it
+# cannot fit in any tile the autotuner has.
+MAX_RANK = 256
+
+
 def forward(x, weight, bias, lora_a, lora_b, scaling, *, dropout_p=0.0, seed=0, out=None, h_out=None):
+    if lora_a.shape[0] > MAX_RANK:
+        raise ValueError(
+            f"lora_a has rank r = {lora_a.shape[0]}: the Triton kernels take r <= {MAX_RANK}; "
+            "use fused_lora.set_backend('torch') for larger ranks"
+        )
     return forward_kernels.lora_forward(
         x, weight, bias, lora_a, lora_b, scaling,
         base_precision=_precision(x.dtype), lora_precision=_precision(lora_a.dtype),

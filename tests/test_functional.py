@@ -270,3 +270,14 @@ def test_large_shapes_on_gpu(m, r, dtype, adapter_dtype):
     inputs = lora_inputs(m, 4096, 4096, r, dtype, adapter_dtype, device=DEVICE)
     with fused_lora.set_backend("triton"):
         check_layer(inputs, dtype, adapter_dtype, GRAD_SETS["x+A+B"])
+
+
+def test_rank_above_kernel_limit():
+    inputs = lora_inputs(2, 8, 4, 257, torch.float32, device=DEVICE)
+    with fused_lora.set_backend("triton"):
+        if not (DEVICE == "cuda" or INTERPRETED):
+            pytest.skip("the Triton backend cannot run here")
+        with pytest.raises(ValueError, match="the Triton kernels take r <= 256"):
+            fused_lora.lora_linear(*inputs.values(), 1.0)
+    with fused_lora.set_backend("torch"):
+        assert fused_lora.lora_linear(*inputs.values(), 1.0).shape == (2, 4)
