@@ -1,55 +1,17 @@
-"""lora_linear(): input checks, backend dispatch and the autograd Function."""
+"""lora_linear(): autocast casting, input checks, the dropout seed, then the
+fused op (`ops`: backend dispatch and the autograd formula) by one of three
+equivalent routes: the custom op when torch.compile traces, its autograd
+Function when eager code needs gradients, the bare implementation otherwise
+(inference pays no autograd host time)."""
 
 import math
 import numbers
 
 import torch
 
-from . import dispatch
+from . import dispatch, ops
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class LoRALinearFunction(torch.autograd.Function):
-    """y = x W^T + bias + s * H B^T with H = d A^T, d = dropout(x), on 2-D x: (M, K).
-
-    Backward (dY: (M, N)), as the backend primitives compute it:
-        G  = s * dY B          (M, R)   formed with dX, in one launch
-        dX = dY W + D (G A)    (M, K)   D = mask / (1 - p), or 1 without dropout
-        dA = G^T d             (R, K)   dL/dA = s * B^T dY^T d
-        dB = s * dY^T H        (N, R)   dL/dB = s * dY^T (x A^T)
-        dW = dY^T x,  dbias = sum_m dY  (plain torch, only when required)
-    Saved: x (only if A or W needs a gradient), W, A, B, the small H and
-    the dropout seed; the mask is regenerated from it, never stored.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, backend, dropout_p, seed):
-        y, h = backend.forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, seed=seed)
-        _, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-        ctx.save_for_backward(x if (need_a or need_w) else None, weight, lora_a, lora_b, h if need_b else None)
-        ctx.scaling = scaling
-        ctx.backend = backend
-        ctx.dropout = dict(dropout_p=dropout_p, seed=seed)  # the mask is regenerated, never saved
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weight, lora_a, lora_b, h = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        backend, s = ctx.backend, ctx.scaling
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x or need_a:
-            grad_x, g = backend.backward_dx(grad_y, weight, lora_a, lora_b, s, compute_dx=need_x, **ctx.dropout)
-            if need_a:
-                grad_a = backend.grad_a(x, g, **ctx.dropout)
-        if need_b:
-            grad_b = backend.grad_b(grad_y, h, s)
-        if need_w:
-            grad_w = torch.mm(grad_y.t(), x)
-        if need_bias:
-            grad_bias = grad_y.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
 
 
 def _require_tensor(name, value):
@@ -62,8 +24,14 @@ def _require_dim(name, tensor, dim, expected):
         raise ValueError(f"{name} must be {dim}-D {expected}, got shape {tuple(tensor.shape)}")
 
 
+def _is_real(value) -> bool:
+    """A real number that is not a bool; plain floats and ints skip the slow
+    abstract-class isinstance (this runs on every call)."""
+    return type(value) in (float, int) or (not isinstance(value, bool) and isinstance(value, numbers.Real))
+
+
 def check_dropout(dropout_p, seed):
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
+    if not _is_real(dropout_p) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
         raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
@@ -76,7 +44,7 @@ def check_inputs(x, weight, bias, lora_a, lora_b, scaling):
         _require_tensor(name, value)
     if bias is not None:
         _require_tensor("bias", bias)
-    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+    if not _is_real(scaling):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
 
     _require_dim("weight", weight, 2, "(out_features, in_features)")
@@ -143,19 +111,62 @@ def lora_linear(
     Dropout keeps each element of x with probability 1 - dropout_p and scales
     it by 1 / (1 - dropout_p); the mask is a function of (seed, element
     index), drawn from torch's default generator when seed is None, and
-    `dropout_mask` returns it.
+    `dropout_mask` returns it. With dropout, CUDA graph capture raises: the
+    seed is drawn on the host, so replays would repeat one mask.
+
+    Under torch.autocast it casts as nn.Linear does: x, weight and bias to the
+    autocast dtype, and y comes out in it; float32 adapters stay float32 (the
+    LoRA branch in float32, as above), other adapters are cast too.
+    Traceable by torch.compile(fullgraph=True), dynamic in the leading dims.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        x, weight, bias, lora_a, lora_b = _autocast(x.device.type, x, weight, bias, lora_a, lora_b)
     check_inputs(x, weight, bias, lora_a, lora_b, scaling)
     check_dropout(dropout_p, seed)
-    backend = dispatch.select(x)
-    if dropout_p > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())  # CPU generator: no device sync
-    leading = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])  # a view where the strides allow one
-    y = LoRALinearFunction.apply(
-        x2d, weight, bias, lora_a, lora_b, float(scaling), backend, float(dropout_p), seed or 0
+    seed_tensor = None
+    if dropout_p > 0:
+        if x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "lora_linear with dropout_p > 0 cannot be captured in a CUDA graph: the seed is drawn on the "
+                "host, so every replay would reuse the mask of the capture (use eval mode, or dropout_p=0)"
+            )
+        # A 0-d CPU tensor: under torch.compile the draw is a graph node, not a `.item()` graph break.
+        seed_tensor = torch.randint(0, 2**31 - 1, ()) if seed is None else torch.tensor(seed)
+    x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view where the strides allow one
+    args = (x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed_tensor)
+    if torch.compiler.is_compiling():
+        y, _ = ops.lora_forward(*args)  # the custom op: Dynamo and AOTAutograd trace it
+    elif torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b):
+        y, _ = ops.LoRALinearFunction.apply(*args)  # the op's autograd, without the dispatcher's host time
+    else:
+        y, _ = ops.forward(*args)  # inference: no graph to record, the implementation alone
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _any_requires_grad(x, weight, bias, lora_a, lora_b) -> bool:
+    return (
+        x.requires_grad
+        or weight.requires_grad
+        or lora_a.requires_grad
+        or lora_b.requires_grad
+        or (bias is not None and bias.requires_grad)
     )
-    return y.reshape(*leading, weight.shape[0])
+
+
+def _autocast(device_type, x, weight, bias, lora_a, lora_b):
+    """Cast as autocast casts nn.Linear's inputs: x, weight and bias to the
+    autocast dtype (float64 and non-float tensors stay as they are). float32
+    adapters stay float32, so the LoRA branch computes in float32 as it does
+    for PEFT's fp32 adapters on a bf16 model; other adapters are cast too."""
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        castable = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if castable else t
+
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (lora_a, lora_b)):
+        lora_a, lora_b = cast(lora_a), cast(lora_b)
+    return cast(x), cast(weight), cast(bias), lora_a, lora_b
 
 
 def dropout_mask(shape, dropout_p: float, seed: int, device="cpu") -> torch.Tensor:
