@@ -1,0 +1,398 @@
+"""PEFT interop: equal outputs and gradients to PEFT, adapters both ways, conversions sharing storage.
+
+A tiny Llama built from a config (hidden size 64, 2 layers): no download.
+"Equal" means within tests/helpers.py's table against PEFT run on the same
+inputs in the same dtype.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", reason="the PEFT interop tests need peft: pip install -e '.[test]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the PEFT interop tests need transformers: pip install -e '.[test]'"
+)
+
+from conftest import DEVICE  # noqa: E402
+from helpers import assert_matches_reference  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+import fused_lora  # noqa: E402
+from fused_lora import (  # noqa: E402
+    LoRALinear,
+    apply_lora,
+    from_peft,
+    load_adapter,
+    save_adapter,
+    to_peft,
+)
+from fused_lora.model import lora_layers  # noqa: E402
+
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_unless_parametrized(request):
+    """Tests that take the `backend` fixture run on both backends; the others test
+    conversions and files, not kernels, and run on the torch backend on a CPU
+    (the interpreter is slow) and on the Triton kernels on a GPU."""
+    if "backend" in request.fixturenames:
+        yield
+        return
+    with fused_lora.set_backend("auto" if torch.cuda.is_available() else "torch"):
+        yield
+
+
+def tiny_llama(dtype=torch.float32):
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype).eval()
+
+
+def token_ids():
+    return torch.randint(0, VOCAB, (2, 9), device=DEVICE)
+
+
+@torch.no_grad()
+def randomize_adapters(model):
+    """Trained-looking adapters (never B = 0), PEFT's or ours: A (r, in) and B (out, r)."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            p.copy_(torch.randn_like(p) * p.shape[1] ** -0.5)
+
+
+def peft_layer(peft_model, name, adapter="default"):
+    module = peft_model.get_base_model().get_submodule(name)
+    return module, module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+
+@torch.no_grad()
+def copy_adapters(peft_model, model):
+    for name, layer in lora_layers(model).items():
+        _, a, b = peft_layer(peft_model, name)
+        layer.lora_A.weight.copy_(a)
+        layer.lora_B.weight.copy_(b)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def assert_same_logits(out, ref, dtype):
+    assert_matches_reference(out, ref.double(), dtype, name="logits")
+
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def peft_and_ours(dtype, lora_dtype=torch.float32):
+    """The same tiny Llama with the same random adapters, as PEFT's model and as ours.
+    PEFT keeps adapters in fp32 on a bf16 / fp16 model (autocast_adapter_dtype): so do we here."""
+    base = tiny_llama(dtype)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, rank_pattern={"down_proj": 3})
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(peft_model)
+    ours = apply_lora(
+        copy.deepcopy(base), TARGETS, r=4, lora_alpha=8, rank_pattern={"down_proj": 3}, lora_dtype=lora_dtype
+    )
+    copy_adapters(peft_model, ours)
+    assert set(lora_layers(ours)) == set(peft_model.targeted_module_names)
+    return peft_model, ours
+
+
+def test_model_outputs_and_gradients_equal_peft(backend):
+    peft_model, ours = peft_and_ours(torch.float32)
+    ids = token_ids()
+    grad = torch.randn(2, 9, VOCAB, device=DEVICE)
+    out, ref = ours(ids).logits, peft_model(ids).logits
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    assert_same_logits(out, ref, torch.float32)
+    for name, layer in lora_layers(ours).items():
+        _, a, b = peft_layer(peft_model, name)
+        assert layer.r == a.shape[0] == (3 if "down" in name else 4)
+        assert_matches_reference(
+            layer.lora_A.weight.grad, a.grad.double(), torch.float32, "gradients", name=f"{name} dA"
+        )
+        assert_matches_reference(
+            layer.lora_B.weight.grad, b.grad.double(), torch.float32, "gradients", name=f"{name} dB"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_each_layer_equals_peft_on_the_same_inputs(backend, dtype):
+    """Layer by layer, on the inputs PEFT's layers saw in the model: in half precision the
+    table gates one op; through a whole model rounding differences would compound."""
+    peft_model, ours = peft_and_ours(dtype)
+    inputs = {}
+    hooks = [
+        peft_layer(peft_model, name)[0].register_forward_hook(
+            lambda module, args, out, name=name: inputs.__setitem__(name, args[0].detach())
+        )
+        for name in lora_layers(ours)
+    ]
+    peft_model(token_ids())
+    for hook in hooks:
+        hook.remove()
+
+    for name, layer in lora_layers(ours).items():
+        module, a, b = peft_layer(peft_model, name)
+        x, x_ref = inputs[name].clone().requires_grad_(), inputs[name].clone().requires_grad_()
+        out, ref = layer(x), module(x_ref)
+        grad = torch.randn(out.shape, device=DEVICE)
+        (out.float() * grad).sum().backward()
+        (ref.float() * grad).sum().backward()
+        assert out.dtype == ref.dtype == dtype
+        assert_matches_reference(out, ref.double(), dtype, name=f"{name} output")
+        for got, want, what in [(x.grad, x_ref.grad, "dX"), (layer.lora_A.weight.grad, a.grad, "dA")]:
+            assert_matches_reference(got, want.double(), dtype, "gradients", name=f"{name} {what}")
+        assert_matches_reference(layer.lora_B.weight.grad, b.grad.double(), dtype, "gradients", name=f"{name} dB")
+
+
+def test_all_linear_selects_what_peft_selects():
+    base = tiny_llama()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules="all-linear"))
+    ours = apply_lora(copy.deepcopy(base), "all-linear", r=2)
+    assert set(lora_layers(ours)) == set(peft_model.targeted_module_names)
+    assert "lm_head" not in lora_layers(ours)
+
+
+def test_rslora_equals_peft(backend):
+    base = tiny_llama()
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=16, lora_alpha=8, use_rslora=True, target_modules=["o_proj"])
+    )
+    randomize_adapters(peft_model)
+    ours = apply_lora(copy.deepcopy(base), ["o_proj"], r=16, lora_alpha=8, use_rslora=True)
+    copy_adapters(peft_model, ours)
+    for name, layer in lora_layers(ours).items():
+        assert layer.scaling == peft_layer(peft_model, name)[0].scaling["default"] == 2.0  # 8 / sqrt(16)
+    ids = token_ids()
+    assert_same_logits(logits(ours, ids), logits(peft_model, ids), torch.float32)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pissa_equals_peft(init, dtype):
+    base = tiny_llama(dtype)
+    torch.manual_seed(1)  # pissa_niter_ is randomised: both draw from the same generator state
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], init_lora_weights=init)
+    )
+    torch.manual_seed(1)
+    ours = apply_lora(
+        copy.deepcopy(base), ["q_proj", "up_proj"], r=4, lora_alpha=8, init_lora_weights=init, lora_dtype=dtype
+    )
+    for name, layer in lora_layers(ours).items():
+        module, a, b = peft_layer(peft_model, name)
+        # The residual weight is rounded once from the same fp32 SVD: equal; A and B as PEFT keeps them.
+        assert torch.equal(layer.weight, module.base_layer.weight), f"{name}: residual weight"
+        assert_matches_reference(layer.lora_A.weight, a.double(), dtype, name=f"{name} A")
+        assert_matches_reference(layer.lora_B.weight, b.double(), dtype, name=f"{name} B")
+        assert not torch.equal(layer.weight, base.get_submodule(name).weight), "PiSSA rewrites the base weight"
+    if dtype == torch.float32:  # whole-model outputs: in bf16 the rounding would compound through the layers
+        ids = token_ids()
+        assert_same_logits(logits(ours, ids), logits(peft_model, ids), dtype)
+        assert_same_logits(logits(ours, ids), logits(base, ids), dtype)  # PiSSA keeps the function at init
+
+
+@pytest.mark.parametrize("patterns", [False, True])
+def test_adapter_saved_here_loads_in_peft(tmp_path, patterns):
+    base = tiny_llama()
+    extra = (
+        dict(rank_pattern={"layers.1.self_attn.v_proj": 2}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 4})
+        if patterns
+        else {}
+    )
+    ours = apply_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=8, lora_alpha=16, lora_dropout=0.1, **extra)
+    randomize_adapters(ours)
+    save_adapter(ours, tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["target_modules"] == ["q_proj", "v_proj"]
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.1)
+    assert bool(config["rank_pattern"]) == bool(config["alpha_pattern"]) == patterns
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    for name, layer in lora_layers(ours).items():
+        module, a, b = peft_layer(loaded, name)
+        assert (module.r["default"], module.scaling["default"]) == (layer.r, layer.scaling)
+        assert torch.equal(a, layer.lora_A.weight) and torch.equal(b, layer.lora_B.weight)
+    ours.eval()  # dropout off in both
+    ids = token_ids()
+    assert_same_logits(logits(ours, ids), logits(loaded, ids), torch.float32)
+
+
+@pytest.mark.parametrize("into", ["plain model", "prepared model"])
+def test_adapter_saved_by_peft_loads_here(tmp_path, into):
+    base = tiny_llama()
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.05,
+        target_modules=r".*\.(k_proj|gate_proj)",  # a regex, as PEFT allows
+        rank_pattern={"gate_proj": 6},
+        alpha_pattern={r"layers\.0\.self_attn\.k_proj": 2},
+    )
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    randomize_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path)
+
+    model = copy.deepcopy(base)
+    if into == "prepared model":
+        apply_lora(
+            model,
+            r".*\.(k_proj|gate_proj)",
+            r=4,
+            lora_alpha=8,
+            rank_pattern={"gate_proj": 6},
+            alpha_pattern={r"layers\.0\.self_attn\.k_proj": 2},
+        )
+    assert load_adapter(model, tmp_path) is model
+    assert set(lora_layers(model)) == set(peft_model.targeted_module_names)
+    for name, layer in lora_layers(model).items():
+        module, a, b = peft_layer(peft_model, name)
+        assert (layer.r, layer.scaling) == (module.r["default"], module.scaling["default"])
+        assert torch.equal(layer.lora_A.weight, a) and torch.equal(layer.lora_B.weight, b)
+    if into == "plain model":
+        assert {layer.lora_dropout for layer in lora_layers(model).values()} == {0.05}
+    ids = token_ids()
+    assert_same_logits(logits(model.eval(), ids), logits(peft_model.eval(), ids), torch.float32)
+
+
+def test_pissa_adapter_saved_here_loads_onto_the_original_base(tmp_path):
+    """As in PEFT, a PiSSA adapter file says "pissa": loading it onto the original
+    weights redoes the SVD, so the trained adapter meets the residual it was trained with."""
+    base = tiny_llama()
+    ours = apply_lora(copy.deepcopy(base), ["q_proj", "o_proj"], r=4, lora_alpha=4, init_lora_weights="pissa")
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # "training"
+    save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    ids = token_ids()
+    expected = logits(ours, ids)
+    assert_same_logits(logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path), ids), expected, torch.float32)
+    assert_same_logits(logits(load_adapter(copy.deepcopy(base), tmp_path), ids), expected, torch.float32)
+
+
+def test_from_peft_and_to_peft_share_storage(backend):
+    base = tiny_llama()
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(peft_model)
+    ids = token_ids()
+    expected = logits(peft_model, ids)
+    names = list(peft_model.targeted_module_names)
+    params = {name: (m.base_layer.weight, a, b) for name in names for m, a, b in [peft_layer(peft_model, name)]}
+    pointers = {name: [p.data_ptr() for p in ps] for name, ps in params.items()}
+
+    model = from_peft(peft_model)
+    assert model is base
+    layers = lora_layers(model)
+    assert set(layers) == set(names)
+    for name, layer in layers.items():
+        weight, a, b = params[name]
+        assert layer.weight is weight and layer.lora_A.weight is a and layer.lora_B.weight is b
+        assert [layer.weight.data_ptr(), a.data_ptr(), b.data_ptr()] == pointers[name]
+        assert a.requires_grad and not layer.weight.requires_grad
+    assert_same_logits(logits(model, ids), expected, torch.float32)
+
+    back = to_peft(model)
+    assert isinstance(back, PeftModel) and back.get_base_model() is base
+    assert not any(isinstance(m, LoRALinear) for m in base.modules())
+    for name in names:
+        module, a, b = peft_layer(back, name)
+        assert [module.base_layer.weight.data_ptr(), a.data_ptr(), b.data_ptr()] == pointers[name]
+        assert a is params[name][1] and b is params[name][2]
+    assert {n for n, p in back.named_parameters() if p.requires_grad} == {
+        n for n, p in back.named_parameters() if ".lora_" in n
+    }
+    assert_same_logits(logits(back, ids), expected, torch.float32)
+
+
+def test_to_peft_from_apply_lora_keeps_patterns_and_pissa(tmp_path):
+    base = tiny_llama()
+    ours = apply_lora(
+        copy.deepcopy(base), ["q_proj", "v_proj"], r=4, rank_pattern={"v_proj": 2}, init_lora_weights="pissa"
+    )
+    randomize_adapters(ours)
+    ids = token_ids()
+    expected = logits(ours, ids)
+    residual = ours.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    back = to_peft(ours)
+    config = back.peft_config["default"]
+    assert (config.r, config.rank_pattern, config.init_lora_weights) == (4, {"v_proj": 2}, "pissa")
+    assert torch.equal(back.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, residual)
+    assert_same_logits(logits(back, ids), expected, torch.float32)
+
+
+def test_what_is_not_supported_is_refused(tmp_path):
+    base = tiny_llama()
+    two = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    two.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
+    with pytest.raises(NotImplementedError, match="several adapters"):
+        from_peft(two)
+    with pytest.raises(NotImplementedError, match="use_dora"):
+        from_peft(get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)))
+    with pytest.raises(NotImplementedError, match="Embedding"):
+        from_peft(get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["embed_tokens"])))
+    merged = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"]))
+    merged.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        from_peft(merged)
+    with pytest.raises(TypeError, match="peft_model"):
+        from_peft(base)
+
+    ours = apply_lora(copy.deepcopy(base), ["q_proj"], r=2)
+    lora_layers(ours)["model.layers.0.self_attn.q_proj"].merge()
+    with pytest.raises(ValueError, match="merged"):
+        to_peft(ours)
+    mixed = apply_lora(apply_lora(copy.deepcopy(base), ["q_proj"], lora_dropout=0.1), ["v_proj"])
+    with pytest.raises(ValueError, match="lora_dropout"):
+        save_adapter(mixed, tmp_path / "mixed")
+    with pytest.raises(ValueError, match="no LoRALinear layers"):
+        save_adapter(copy.deepcopy(base), tmp_path / "none")
+
+    save_adapter(apply_lora(copy.deepcopy(base), ["q_proj"], r=2), tmp_path)
+    with pytest.raises(ValueError, match="r=4"):
+        load_adapter(apply_lora(copy.deepcopy(base), ["q_proj"], r=4), tmp_path)
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter(apply_lora(copy.deepcopy(base), ["q_proj", "k_proj"], r=2), tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
+        load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for field, value in [
+        ("fan_in_fan_out", True),
+        ("use_dora", True),
+        ("lora_bias", True),
+        ("modules_to_save", ["lm_head"]),
+        ("layers_to_transform", [0]),
+        ("bias", "all"),
+        ("init_lora_weights", "olora"),
+        ("peft_type", "IA3"),
+    ]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(NotImplementedError, match=field):
+            load_adapter(copy.deepcopy(base), tmp_path)
+
+
+def test_gpt2_conv1d_is_refused():
+    """GPT-2's Conv1D stores W transposed (PEFT's fan_in_fan_out): not an nn.Linear."""
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="Conv1D"):
+        apply_lora(copy.deepcopy(gpt2), ["c_attn"])
+    peft_model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    with pytest.raises(NotImplementedError, match="fan_in_fan_out"):
+        from_peft(peft_model)
