@@ -43,11 +43,12 @@ def pattern_value(pattern: dict, name: str, default):
     return default
 
 
-def _check_target_modules(target_modules) -> None:
+def _checked_target_modules(target_modules) -> str | list[str]:
+    """target_modules as a regex string or a list of names (a set or a generator becomes a list)."""
     if isinstance(target_modules, str):
         if not target_modules:
             raise ValueError("target_modules must not be empty")
-        return
+        return target_modules
     if not isinstance(target_modules, Iterable) or isinstance(target_modules, bytes):
         raise TypeError(
             f"target_modules must be a list of names or a regex string, got {type(target_modules).__name__}"
@@ -55,6 +56,7 @@ def _check_target_modules(target_modules) -> None:
     target_modules = list(target_modules)
     if not target_modules or not all(isinstance(t, str) and t for t in target_modules):
         raise ValueError(f"target_modules must be a non-empty list of non-empty names, got {target_modules!r}")
+    return target_modules
 
 
 def _output_layer_name(model: nn.Module) -> str | None:
@@ -108,7 +110,7 @@ def apply_lora(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_target_modules(target_modules)
+    target_modules = _checked_target_modules(target_modules)
     selected = select_modules(model, target_modules)
     if not selected:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:10]

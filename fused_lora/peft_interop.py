@@ -192,6 +192,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, lora_dtype: torch
     lora_dtype as given, default the layers' dtype). A model prepared already
     must have exactly the file's layers with the file's r and scaling.
     The tensors are copied into the adapters' Parameters. Returns the model.
+
+    As in PEFT, a file saying init_lora_weights="pissa" redoes the SVD when it
+    prepares a plain model: give it the original base weights.
     """
     config, tensors = read_adapter(path)
     r, alpha, use_rslora = config.get("r", 8), config.get("lora_alpha", 8), config.get("use_rslora", False)
