@@ -6,6 +6,7 @@ anything imports fused_lora.
 """
 
 import os
+import zlib
 
 import torch
 
@@ -35,6 +36,7 @@ def backend(request):
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # A fixed seed per test case, derived from its id: reproducible, and
+    # A fixed seed per test case, derived from its id: reproducible across
+    # runs (crc32, unlike str hashes, is not randomised per process), and
     # different inputs for every case.
-    torch.manual_seed(hash(request.node.nodeid) % 2**31)
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
