@@ -24,14 +24,15 @@ The dropout seed is a tensor: lora_linear draws it with `torch.randint`, a
 graph node under torch.compile (an int would need `.item()`, a graph break),
 and the op reads it on the host, where a CPU tensor costs no device sync.
 
-Eager calls skip the dispatcher: `LoRALinearFunction` runs the same
-implementations and the same autograd code directly, because each trip
-through a Python custom op costs tens of microseconds of host time (see
-bench/overhead.py). Compiled code goes through the ops, which Dynamo and
-AOTAutograd can trace.
+Eager calls skip the dispatcher, because each trip through a Python custom
+op costs tens of microseconds of host time (bench/overhead.py): lora_linear
+calls `LoRALinearFunction` (the same implementations, setup_context and
+backward as the op's autograd) when gradients are needed, and `forward`
+itself otherwise. Compiled code goes through the ops, which Dynamo and
+AOTAutograd trace; tests/test_ops.py checks that both routes agree.
 """
 
-import contextlib
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -44,17 +45,25 @@ def _seed(seed: Tensor | None) -> int:
     return 0 if seed is None else int(seed.item())  # a CPU scalar: no device sync
 
 
-def _no_autocast(x: Tensor):
-    """lora_linear has cast the inputs already; an autocast region around
-    the call must not recast the backends' own matmuls."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.autocast(x.device.type, enabled=False)
-    return contextlib.nullcontext()
+def _outside_autocast(fn):
+    """lora_linear has cast the inputs already: an autocast region around the
+    call must not recast the backends' own matmuls (fp32 adapters would drop
+    to bf16). Decides on the first argument's device."""
+
+    @functools.wraps(fn)
+    def run(first, *args):
+        if torch.is_autocast_enabled(first.device.type):
+            with torch.autocast(first.device.type, enabled=False):
+                return fn(first, *args)
+        return fn(first, *args)
+
+    return run
 
 
 # ---- the implementations: pick a backend when called, run its primitive ------------
 
 
+@_outside_autocast
 def forward(
     x: Tensor,
     weight: Tensor,
@@ -66,11 +75,11 @@ def forward(
     seed: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """y = x W^T + bias + s * H B^T, H = dropout(x) A^T. x: (M, K) -> y: (M, N), H: (M, R)."""
-    with _no_autocast(x):
-        backend = dispatch.select(x)
-        return backend.forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, seed=_seed(seed))
+    backend = dispatch.select(x)
+    return backend.forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, seed=_seed(seed))
 
 
+@_outside_autocast
 def grad_x(
     grad_y: Tensor,
     weight: Tensor,
@@ -81,29 +90,28 @@ def grad_x(
     seed: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """dX = dY W + D (G A): (M, K) and G = s * dY B: (M, R), in one launch."""
-    with _no_autocast(grad_y):
-        backend = dispatch.select(grad_y)
-        return backend.backward_dx(
-            grad_y, weight, lora_a, lora_b, scaling, compute_dx=True, dropout_p=dropout_p, seed=_seed(seed)
-        )
+    backend = dispatch.select(grad_y)
+    return backend.backward_dx(
+        grad_y, weight, lora_a, lora_b, scaling, compute_dx=True, dropout_p=dropout_p, seed=_seed(seed)
+    )
 
 
+@_outside_autocast
 def grad_g(grad_y: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
     """G = s * dY B: (M, R) alone, for training A without dX."""
-    with _no_autocast(grad_y):
-        return dispatch.select(grad_y).backward_dx(grad_y, weight, lora_a, lora_b, scaling, compute_dx=False)[1]
+    return dispatch.select(grad_y).backward_dx(grad_y, weight, lora_a, lora_b, scaling, compute_dx=False)[1]
 
 
+@_outside_autocast
 def grad_a(x: Tensor, g: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
     """dA = G^T dropout(x): (R, K), reduced over M."""
-    with _no_autocast(x):
-        return dispatch.select(x).grad_a(x, g, dropout_p=dropout_p, seed=_seed(seed))
+    return dispatch.select(x).grad_a(x, g, dropout_p=dropout_p, seed=_seed(seed))
 
 
+@_outside_autocast
 def grad_b(grad_y: Tensor, h: Tensor, scaling: float) -> Tensor:
     """dB = s * dY^T H: (N, R), reduced over M."""
-    with _no_autocast(grad_y):
-        return dispatch.select(grad_y).grad_b(grad_y, h, scaling)
+    return dispatch.select(grad_y).grad_b(grad_y, h, scaling)
 
 
 # ---- the same as custom ops, each with a fake: shapes and dtypes, symbolic in M ----
