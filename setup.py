@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ruff", "peft", "transformers", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "ruff==0.17.6", "peft", "transformers", "scikit-learn"],
         "interop": ["peft", "transformers"],
         "examples": ["scikit-learn"],
         "bench": ["pytest-benchmark", "matplotlib"],
