@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import backward, configs, forward
+from . import backward, configs, forward, multi_backward, multi_forward
 from .common import INTERPRETED
 
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -37,7 +37,7 @@ DTYPE_PAIRS = [
     (torch.bfloat16, torch.float32),
     (torch.float16, torch.float32),
 ]
-KERNELS = ("forward", "dx", "grad_ab")
+KERNELS = ("forward", "dx", "grad_ab", "multi_forward", "multi_dx", "multi_grad_ab")
 
 
 @dataclasses.dataclass
@@ -64,6 +64,10 @@ def _pointer(dtype):
     return "*" + DTYPE_NAMES[dtype]
 
 
+# The multi-adapter kernels' row order, adapter ids and adapter table.
+MULTI_ROWS = dict(order_ptr="*i32", ids_ptr="*i32", table_ptr="*i64", scaling_ptr="*fp32")
+
+
 def _signature(kernel, x_dtype, adapter_dtype):
     """(jit function, {arg: type}, tensor args' dtypes) for one kernel."""
     p, q = _pointer(x_dtype), _pointer(adapter_dtype)
@@ -75,6 +79,19 @@ def _signature(kernel, x_dtype, adapter_dtype):
         fn = backward.lora_dx_kernel
         pointers = dict(dy_ptr=p, w_ptr=p, a_ptr=q, b_ptr=q, dx_ptr=p, g_ptr=q)
         ints = ["M", "N", "K", "R", "M_BUCKET"]
+    elif kernel == "multi_forward":  # rows in sorted order, adapters through a table
+        fn = multi_forward.multi_lora_forward_kernel
+        pointers = dict(x_ptr=p, w_ptr=p, bias_ptr=p, y_ptr=p, h_ptr=q, **MULTI_ROWS)
+        ints = ["M", "N", "K", "R", "NUM_ADAPTERS", "M_BUCKET"]
+    elif kernel == "multi_dx":
+        fn = multi_backward.multi_lora_dx_kernel
+        pointers = dict(dy_ptr=p, w_ptr=p, dx_ptr=p, g_ptr=q, **MULTI_ROWS)
+        ints = ["M", "N", "K", "R", "NUM_ADAPTERS", "M_BUCKET"]
+    elif kernel == "multi_grad_ab":
+        fn = multi_backward.multi_lora_grad_ab_kernel
+        pointers = dict(p_ptr=p, q_ptr=q, out_ptr="*fp32", order_ptr="*i32", work_ptr="*i32")
+        pointers.update(table_ptr="*i64", scaling_ptr="*fp32")
+        ints = ["P", "M_BUCKET"]
     else:  # dA^T from (x, G) and dB from (dY, H): one wide and one skinny operand
         fn = backward.lora_grad_ab_kernel
         pointers = dict(p_ptr=p, q_ptr=q, out_ptr="*fp32")
@@ -119,13 +136,23 @@ def _precision(dtype):
 
 
 def _constexprs(kernel, x_dtype, adapter_dtype, r_pad, meta, dropout=False):
-    flags = dict(UPCAST=False, ACC_DTYPE=tl.float32, R_PAD=r_pad, DROPOUT=dropout, **meta)
+    flags = dict(UPCAST=False, ACC_DTYPE=tl.float32, R_PAD=r_pad, **meta)
+    if not kernel.startswith("multi_"):  # the multi-adapter kernels have no dropout
+        flags["DROPOUT"] = dropout
     if kernel == "forward":
         flags.update(
             HAS_BIAS=True, HAS_LORA=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype)
         )
     elif kernel == "dx":
         flags.update(COMPUTE_DX=True, BASE_PRECISION=_precision(x_dtype), LORA_PRECISION=_precision(adapter_dtype))
+    elif kernel == "multi_forward":  # ranks multiples of 8, as LoRA ranks usually are
+        flags.update(HAS_BIAS=True, SORTED=True, RANK_MULTIPLE=8, BASE_PRECISION=_precision(x_dtype))
+        flags.update(LORA_PRECISION=_precision(adapter_dtype))
+    elif kernel == "multi_dx":
+        flags.update(COMPUTE_DX=True, SORTED=True, RANK_MULTIPLE=8, BASE_PRECISION=_precision(x_dtype))
+        flags.update(LORA_PRECISION=_precision(adapter_dtype))
+    elif kernel == "multi_grad_ab":
+        flags.update(SCALED=True, PRECISION=_precision(adapter_dtype))
     else:
         flags.update(ATOMIC=True, PRECISION=_precision(adapter_dtype))
     return flags
@@ -188,6 +215,9 @@ def kernel_configs(kernel, r_pad=16, dtype=torch.bfloat16, adapter_dtype=None):
     if kernel in ("forward", "dx"):
         args = {"M": 4096, "x_ptr": wide, "a_ptr": adapter}
         return configs.prune_gemm_configs(configs.GEMM_CONFIGS, args, R_PAD=r_pad)
+    if kernel in ("multi_forward", "multi_dx"):
+        args = {"M": 4096, "x_ptr": wide, "h_ptr": adapter}
+        return multi_forward.prune_configs(multi_forward.MULTI_GEMM_CONFIGS, args, R_PAD=r_pad)
     return configs.prune_grad_ab_configs(configs.GRAD_AB_CONFIGS, {"p_ptr": wide, "q_ptr": adapter}, R_PAD=r_pad)
 
 
