@@ -17,7 +17,8 @@ MULTI_BACKENDS = {triton_backend: multi_triton_backend, torch_backend: multi_tor
 
 class MultiLoRALinearFunction(torch.autograd.Function):
     """y_i = W x_i + bias + s_a B_a H_i with H_i = A_a x_i, a = adapter_ids[i]
-    (no update where a = -1), on 2-D x: (M, K) and adapter_ids: (M,).
+    (no update where a = -1), on 2-D x: (M, K) and adapter_ids: (M,) on x's
+    device or on the CPU.
 
     Backward (dY: (M, N)), as the backend primitives compute it; each
     adapter's terms sum over its own rows only:
@@ -28,7 +29,8 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         dW = dY^T x,  dbias = sum_i dY_i     (plain torch, only when required)
     An adapter with no rows in the batch gets no gradient (None), as in
     PEFT's loop, so an optimizer leaves it alone; finding which adapters have
-    rows reads their row counts back to the host once per backward.
+    rows counts them on the host once per backward (a device sync unless
+    adapter_ids came on the CPU).
     Saved: x (if an A or W needs a gradient), W, the adapters, the small H
     and the row grouping.
     """
@@ -37,7 +39,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, adapter_ids, scalings, backend, *adapters):
         n = len(scalings)
         lora_a, lora_b = adapters[:n], adapters[n:]
-        groups = backend.group_rows(adapter_ids, n)
+        groups = backend.group_rows(adapter_ids, n, x.device)
         y, h = backend.forward(x, weight, bias, lora_a, lora_b, scalings, groups)
         need_w = ctx.needs_input_grad[1]
         need_a, need_b = any(ctx.needs_input_grad[6 : 6 + n]), any(ctx.needs_input_grad[6 + n :])
@@ -195,7 +197,8 @@ def multi_lora_linear(
     leading = x.shape[:-1]
     if tuple(adapter_ids.shape) != tuple(leading):  # one per batch entry: broadcast over the rest
         adapter_ids = adapter_ids.reshape(-1, *[1] * (len(leading) - 1)).expand(leading)
-    ids = adapter_ids.reshape(-1).to(x.device, non_blocking=True)
+    # Kept where they are: ids on the CPU are grouped there, with no device sync.
+    ids = adapter_ids.reshape(-1)
     x2d = x.reshape(-1, x.shape[-1])  # a view where the strides allow one
     y = MultiLoRALinearFunction.apply(
         x2d, weight, bias, ids, tuple(float(s) for s in scalings), backend, *lora_a, *lora_b

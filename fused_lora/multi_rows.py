@@ -1,6 +1,7 @@
 """Grouping a multi-adapter batch's rows by adapter, for both backends.
 
     adapter_ids: (M,) int32, -1 = base only, else an index into the adapters
+                 (given on the CPU, they are sorted and counted there)
     order:       (M,) int32, sorted position -> the caller's row
     sorted_ids:  (M,) int32, adapter_ids[order]
 
@@ -22,10 +23,14 @@ UNSORTED_MAX_ROWS = 16
 
 @dataclasses.dataclass
 class RowGroups:
-    """The rows of one batch grouped by adapter; see the module docstring."""
+    """The rows of one batch grouped by adapter; see the module docstring.
+    `host_ids`: adapter_ids as the caller gave them on the CPU, or None;
+    with them, sorting and counting run on the host (no device launch, no
+    device sync) and only the results are copied to the device."""
 
     adapter_ids: torch.Tensor
     num_adapters: int
+    host_ids: torch.Tensor | None = None
     order: torch.Tensor | None = None
     sorted_ids: torch.Tensor | None = None
     _segments: list[tuple[int, int, int]] | None = None
@@ -34,22 +39,26 @@ class RowGroups:
     def sorted(self) -> bool:
         return self.order is not None
 
+    def _ids(self):
+        return self.adapter_ids if self.host_ids is None else self.host_ids
+
     def sort(self) -> "RowGroups":
         """Compute `order` and `sorted_ids` if not done yet (stable: rows of
         one adapter keep the caller's order, so results are reproducible)."""
         if self.order is None:
-            order = torch.argsort(self.adapter_ids, stable=True)
-            self.order = order.to(torch.int32)
-            self.sorted_ids = self.adapter_ids[order]
+            ids, device = self._ids(), self.adapter_ids.device
+            order = torch.argsort(ids, stable=True)
+            self.sorted_ids = ids[order].to(device, non_blocking=True)
+            self.order = order.to(device=device, dtype=torch.int32, non_blocking=True)
         return self
 
     def segments(self) -> list[tuple[int, int, int]]:
         """(adapter, first, last + 1) sorted positions of every adapter that
-        has rows, in adapter order. Reads the row counts back to the host
-        (a device sync), once per batch."""
+        has rows, in adapter order. Counts the rows on the host: a device sync,
+        once per batch, unless host_ids are known."""
         if self._segments is None:
             self.sort()
-            counts = torch.bincount(self.adapter_ids + 1, minlength=self.num_adapters + 1).tolist()
+            counts = torch.bincount(self._ids() + 1, minlength=self.num_adapters + 1).tolist()
             start, self._segments = counts[0], []  # base-only rows (-1) sort first
             for adapter, count in enumerate(counts[1:]):
                 if count:
@@ -58,8 +67,11 @@ class RowGroups:
         return self._segments
 
 
-def group_rows(adapter_ids: torch.Tensor, num_adapters: int, sort: bool = True) -> RowGroups:
-    """Group checked adapter_ids ((M,) integers in [-1, num_adapters)) by
-    adapter; `sort=False` defers the sort to the first `sort()` call."""
-    groups = RowGroups(adapter_ids.to(torch.int32).contiguous(), num_adapters)
+def group_rows(adapter_ids: torch.Tensor, num_adapters: int, device: torch.device, sort: bool = True) -> RowGroups:
+    """Group checked adapter_ids ((M,) integers in [-1, num_adapters), on
+    `device` or on the CPU) by adapter, for kernels on `device`; `sort=False`
+    defers the sort to the first `sort()` call."""
+    ids = adapter_ids.to(torch.int32).contiguous()
+    host_ids = ids if ids.device.type == "cpu" else None
+    groups = RowGroups(ids.to(device, non_blocking=True), num_adapters, host_ids)
     return groups.sort() if sort else groups

@@ -14,8 +14,8 @@ from .multi_rows import RowGroups
 from .multi_rows import group_rows as _group_rows
 
 
-def group_rows(adapter_ids, num_adapters) -> RowGroups:
-    return _group_rows(adapter_ids, num_adapters)
+def group_rows(adapter_ids, num_adapters, device) -> RowGroups:
+    return _group_rows(adapter_ids, num_adapters, device)
 
 
 def _adapter_rows(groups):

@@ -20,9 +20,9 @@ def _precision(dtype: torch.dtype) -> str:
     return fp32_precision() if dtype == torch.float32 and not INTERPRETED else "ieee"
 
 
-def group_rows(adapter_ids, num_adapters) -> RowGroups:
-    # A batch that fits in one row tile runs unsorted: no argsort launch for decode.
-    return _group_rows(adapter_ids, num_adapters, sort=adapter_ids.numel() > UNSORTED_MAX_ROWS)
+def group_rows(adapter_ids, num_adapters, device) -> RowGroups:
+    # A batch that fits in one row tile runs unsorted: no argsort for decode.
+    return _group_rows(adapter_ids, num_adapters, device, sort=adapter_ids.numel() > UNSORTED_MAX_ROWS)
 
 
 def forward(x, weight, bias, lora_a, lora_b, scalings, groups, *, out=None, h_out=None):

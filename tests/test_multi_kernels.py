@@ -12,6 +12,7 @@ from test_forward import DTYPE_PAIRS, INTERPRETER_CONFIGS, PAIR_IDS
 from fused_lora import multi_triton_backend as backend
 from fused_lora.kernels import configs
 from fused_lora.multi_reference import multi_lora_reference
+from fused_lora.multi_rows import RowGroups, group_rows
 
 
 def assign(m, n, assignment):
@@ -68,7 +69,7 @@ def run_forward(inputs):
     pad = {name: None if t is None else padded(t) for name, t in inputs.items() if name in ("x", "weight", "bias")}
     out = poisoned((m, n), inputs["x"].dtype, DEVICE)
     h_out = poisoned((m, max(ranks, default=0)), adapter_dtype, DEVICE)
-    groups = backend.group_rows(inputs["adapter_ids"], len(ranks))
+    groups = backend.group_rows(inputs["adapter_ids"], len(ranks), DEVICE)
     y, h = backend.forward(
         pad["x"], pad["weight"], pad["bias"],
         [padded(a) for a in inputs["lora_a"]], [padded(b) for b in inputs["lora_b"]], inputs["scalings"],
@@ -89,7 +90,7 @@ def run_dx(inputs, compute_dx=True):
     dy = torch.randn(m, n, dtype=torch.float64).to(DEVICE, dtype)
     out = poisoned((m, k), dtype, DEVICE) if compute_dx else None
     g_out = poisoned((m, max(ranks)), adapter_dtype, DEVICE)
-    groups = backend.group_rows(inputs["adapter_ids"], len(ranks))
+    groups = backend.group_rows(inputs["adapter_ids"], len(ranks), DEVICE)
     dx, g = backend.backward_dx(
         padded(dy), padded(inputs["weight"]),
         [padded(a) for a in inputs["lora_a"]], [padded(b) for b in inputs["lora_b"]], inputs["scalings"],
@@ -220,7 +221,7 @@ def check_grads(case, dtype, adapter_dtype):
     # G and H as the kernels leave them: zeros past each row's rank.
     ids = inputs["adapter_ids"].cpu()
     skinny = per_row(ids, ranks, lambda i, a: torch.randn(ranks[a], dtype=torch.float64)).to(DEVICE, adapter_dtype)
-    groups = backend.group_rows(inputs["adapter_ids"], len(ranks))
+    groups = backend.group_rows(inputs["adapter_ids"], len(ranks), DEVICE)
     args = (inputs["lora_a"], inputs["lora_b"], inputs["scalings"], groups)
     das = backend.grad_a(padded(wide), padded(skinny), *args)
     dbs = backend.grad_b(padded(wide), padded(skinny), *args)
@@ -267,9 +268,25 @@ def test_sorting_only_regroups():
     """The forward with and without the internal sort gives the same y: the
     sort changes which rows share a tile, never which row gets what."""
     inputs = multi_inputs(16, 48, 33, [4, 8, 2], torch.float32)
-    groups = backend.group_rows(inputs["adapter_ids"], 3)
+    groups = backend.group_rows(inputs["adapter_ids"], 3, DEVICE)
     assert not groups.sorted, "a batch of one row tile runs unsorted"
     args = [inputs[name] for name in ("x", "weight", "bias", "lora_a", "lora_b", "scalings")]
     unsorted, _ = backend.forward(*args, groups)
     resorted, _ = backend.forward(*args, groups.sort())
     torch.testing.assert_close(unsorted, resorted, rtol=1e-6, atol=1e-6)
+
+
+def test_grouping_on_device_and_host_agree():
+    """adapter_ids on x's device are sorted and counted there; on the CPU, on
+    the host: the same order and segments either way (on a CPU-only machine
+    the device path runs through a RowGroups without host_ids)."""
+    ids = assign(300, 5, "skewed").to(torch.int32)
+    host = group_rows(ids, 5, DEVICE)
+    device = RowGroups(ids.to(DEVICE), 5).sort()
+    assert host.host_ids is not None and device.host_ids is None
+    assert torch.equal(host.order.cpu(), device.order.cpu())
+    assert torch.equal(host.sorted_ids.cpu(), device.sorted_ids.cpu())
+    assert host.segments() == device.segments()
+    counts = {a: end - first for a, first, end in host.segments()}
+    assert counts == {a: int((ids == a).sum()) for a in range(5) if (ids == a).any()}
+    assert torch.equal(ids[host.order.long().cpu()], host.sorted_ids.cpu())
