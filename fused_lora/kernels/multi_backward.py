@@ -9,7 +9,7 @@ dX_i = dY_i W + G_i A_a      (M, K)  one launch, as the forward: the N loop
                                      dY B; the other adapters of a tile get
                                      their own N loop over their rows first
 dA_a = G_a^T x_a             (r_a, K)  per adapter, over its rows only: one
-dB_a = s_a dY_a^T H_a        (N, r_a)  launch each for all adapters, every
+dB_a = s_a dY_a^T H_a        (N, r_a)  launch for dA and one for dB, every
                                        program reducing one chunk of one
                                        adapter's rows (sorted positions);
                                        chunks meet by fp32 atomics
@@ -31,6 +31,7 @@ from .multi_forward import (
     TABLE_WIDTH,
     adapter_matrix,
     adapter_table,
+    kernel_rows,
     next_adapter,
     prune_configs,
     rows_times_adapter,
@@ -201,13 +202,6 @@ multi_lora_grad_ab_tuned = triton.autotune(
 )(multi_lora_grad_ab_kernel)
 
 
-def _rows_arguments(groups):
-    """(order, adapter ids per position) as the kernels read them."""
-    if groups.sorted:
-        return groups.order, groups.sorted_ids
-    return groups.adapter_ids, groups.adapter_ids
-
-
 def multi_lora_dx(
     grad_y,
     weight,
@@ -247,7 +241,7 @@ def multi_lora_dx(
     # Without COMPUTE_DX the kernel never touches dx_ptr: pass G as a stand-in.
     dx_arg, dx_strides = (dx, dx.stride()) if kernel_dx else (g, (0, 0))
     args = (
-        grad_y, weight, dx_arg, g, *_rows_arguments(groups), table.entries, table.scalings,
+        grad_y, weight, dx_arg, g, *kernel_rows(groups), table.entries, table.scalings,
         m, n, k, table.rank, len(lora_a), configs.m_bucket(m),
         *grad_y.stride(), *weight.stride(), *dx_strides, *g.stride(),
     )  # fmt: skip
@@ -286,9 +280,10 @@ def multi_lora_grad_ab(wide, skinny, lora_a, lora_b, scalings, groups, *, scaled
     `scaled`, else 1). wide: (M, P), skinny: (M, R).
 
     Returns (out, slots): out (number of adapters with rows, P, R) in fp32
-    (fp64 for float64 operands),
-    where adapter a's result is out[slots[a], :, :r_a]; adapters without rows
-    are not in `slots`. Reads the adapters' row counts back to the host.
+    (fp64 for float64 operands), where adapter a's result is
+    out[slots[a], :, :r_a]; adapters without rows are not in `slots`. Counts
+    the adapters' rows on the host (a device sync unless adapter_ids came on
+    the CPU).
     """
     m, p = wide.shape
     segments = groups.segments()

@@ -184,11 +184,10 @@ def multi_lora_forward_kernel(
         x_ptrs += BLOCK_K * stride_xk
         wt_ptrs += BLOCK_K * stride_wk
         at_ptrs += BLOCK_K
-    # Every row went through the first adapter: keep its rows' results, the
-    # others' from h_rest (zero on base-only rows). Masking x inside the loop
-    # instead would hold a second x tile in registers.
-    # H is rounded to the adapters' dtype once: the epilogue uses the values
-    # the backward will read.
+    # Every row went through the first adapter (masking x inside the loop
+    # instead would hold a second x tile in registers): keep its rows, the
+    # others from h_rest, zero on base-only rows. H is rounded to the
+    # adapters' dtype once: the epilogue uses the values the backward reads.
     h = tl.where((ids == first)[:, None], h, h_rest).to(h_ptr.dtype.element_ty)
     if pid_n == 0:
         h_ptrs = h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr
@@ -280,6 +279,14 @@ def adapter_table(lora_a, lora_b, scalings, *, device, fallback_dtype) -> Adapte
     return AdapterTable(table, scales, max(ranks, default=0), math.gcd(16, *ranks), dtype, lora_a + lora_b)
 
 
+def kernel_rows(groups):
+    """(order, adapter id per position) as the kernels read them: sorted, or
+    the caller's rows as they are (order unread)."""
+    if groups.sorted:
+        return groups.order, groups.sorted_ids
+    return groups.adapter_ids, groups.adapter_ids
+
+
 def multi_lora_forward(
     x, weight, bias, lora_a, lora_b, scalings, groups, *, base_precision, lora_precision, out=None, h_out=None
 ):
@@ -303,10 +310,7 @@ def multi_lora_forward(
         h.zero_()
         return y, h
     args = (
-        x, weight, bias if bias is not None else x, y, h,
-        groups.order if groups.sorted else groups.adapter_ids,
-        groups.sorted_ids if groups.sorted else groups.adapter_ids,
-        table.entries, table.scalings,
+        x, weight, bias if bias is not None else x, y, h, *kernel_rows(groups), table.entries, table.scalings,
         m, n, k, table.rank, len(lora_a), configs.m_bucket(m),
         *x.stride(), *weight.stride(), *y.stride(), *h.stride(),
     )  # fmt: skip
