@@ -28,7 +28,8 @@ def environment(device) -> dict:
     """What a results file must record about where it was measured."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
+        status = ["git", "status", "--porcelain", "--untracked-files=no"]
+        dirty = bool(subprocess.run(status, capture_output=True, text=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", False
     return {

@@ -7,7 +7,7 @@ from fused_lora.reference import lora_linear_reference, within_tolerance
 
 from . import implementations as impl
 from .cases import DTYPES, Case
-from .timing import measure, rotations
+from .timing import measure, measure_all, rotations
 
 PASSES = ("forward", "forward+backward")
 
@@ -75,39 +75,38 @@ def peak_bytes(name, x, p, grad_y) -> int:
     return sum(size for (ptr, *_), size in saved.items() if ptr not in inputs)
 
 
+def _forward_call(name, x, p):
+    def call():
+        with torch.no_grad():  # the forward as inference runs it
+            impl.IMPLEMENTATIONS[name](x, p)
+
+    return call
+
+
 def run_case(case: Case, device, quick=False) -> dict:
-    """Every implementation on one case: checks, timings, memory."""
+    """Every implementation on one case: checks, memory, then timings of the
+    ones that passed, side by side."""
     dtype = DTYPES[case.dtype]
     set_bytes = case.m * case.k * torch.finfo(dtype).bits // 8
     n_sets = rotations(set_bytes, device)
     p, xs, grad_y = make_inputs(case, device, n_sets)
     ref = reference(xs[0], p, grad_y)
     result = {pass_: {} for pass_ in PASSES}
-    for name in impl.IMPLEMENTATIONS:
-        if not impl.applicable(name, p):
-            continue
+    names = [name for name in impl.IMPLEMENTATIONS if impl.applicable(name, p)]
+    for name in names:
         checked = check(name, xs[0], p, grad_y, ref, dtype)
-        memory = peak_bytes(name, xs[0], p, grad_y)
         for pass_ in PASSES:
             ok, worst = checked[pass_]
-            entry = {"check_ok": ok, "worst_error_over_allowed": worst}
-            if ok:
-                if pass_ == "forward":
-
-                    def make(i, name=name):
-                        return lambda: impl.IMPLEMENTATIONS[name](xs[i], p)
-
-                    with torch.no_grad():
-                        timing = measure(make, device, n_sets, quick)
-                else:
-
-                    def make(i, name=name):
-                        return lambda: impl.forward_backward(name, xs[i], p, grad_y)
-
-                    timing = measure(make, device, n_sets, quick)
-                    entry["peak_bytes"] = memory
-                entry.update(median_ms=timing.median_ms, spread=timing.spread, samples_ms=timing.samples_ms)
-            result[pass_][name] = entry
+            result[pass_][name] = {"check_ok": ok, "worst_error_over_allowed": worst}
+        result["forward+backward"][name]["peak_bytes"] = peak_bytes(name, xs[0], p, grad_y)
+    makers = {
+        "forward": lambda name: lambda i: _forward_call(name, xs[i], p),
+        "forward+backward": lambda name: lambda i: lambda: impl.forward_backward(name, xs[i], p, grad_y),
+    }
+    for pass_ in PASSES:
+        passed = {name: makers[pass_](name) for name in names if result[pass_][name]["check_ok"]}
+        for name, timing in measure_all(passed, device, n_sets, quick).items():
+            result[pass_][name].update(median_ms=timing.median_ms, spread=timing.spread, samples_ms=timing.samples_ms)
     if device.type == "cuda":
         result["forward"]["triton-base"] = time_triton_base(xs, p, dtype, device, n_sets, quick)
     return result

@@ -1,6 +1,7 @@
 """How the benchmark times a function: CUDA events on a GPU, wall clock on a CPU.
 
-    measure(make_call, device)   -> Timing (median ms, every raw sample)
+    measure(make_call, device)          -> Timing (median ms, every raw sample)
+    measure_all({name: make_call}, device) -> {name: Timing}, side by side
 
 `make_call(i)` returns the i-th zero-argument callable to time. On a GPU the
 calls rotate over input sets whose total size passes L2, so a case is not
@@ -73,3 +74,28 @@ def measure(make_call: Callable[[int], Callable[[], object]], device: torch.devi
             step()
             samples.append((time.perf_counter() - t0) * 1e3)
     return Timing(statistics.median(samples), samples)
+
+
+def measure_all(makers: dict, device: torch.device, n_sets: int = 1, quick=False) -> dict:
+    """Time several implementations of one case side by side.
+
+    GPU: one after another (CUDA events are not disturbed by the host). CPU:
+    interleaved, one call of each per round, so that load from elsewhere or
+    a change of clock speed falls on all of them alike instead of on
+    whichever ran during it."""
+    if device.type == "cuda":
+        return {name: measure(make, device, n_sets, quick) for name, make in makers.items()}
+    calls = {name: [make(i) for i in range(n_sets)] for name, make in makers.items()}
+    budget, max_rounds = (0.2 * len(calls), 3) if quick else (2.0 * len(calls), 30)
+    for name in calls:  # warm-up
+        calls[name][0]()
+    samples = {name: [] for name in calls}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < 3 or time.perf_counter() - start < budget):
+        for name, versions in calls.items():
+            t0 = time.perf_counter()
+            versions[rounds % n_sets]()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: Timing(statistics.median(s), s) for name, s in samples.items()}
