@@ -22,6 +22,19 @@ def dot_operand(t, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped order: GROUP_M row-blocks
+    run side by side over the column-blocks, so each weight column-block is
+    reused from L2 by GROUP_M programs (Triton's matmul tutorial)."""
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def dropout_scale(seed, rows, cols, p, scale):
     """(len(rows), len(cols)) factors of inverted dropout: `scale` = 1/(1-p)
     where an element is kept, 0 where it is dropped. The mask is a pure

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import INTERPRETED, accumulator_dtype, dot_operand, dropout_scale
+from .common import INTERPRETED, accumulator_dtype, dot_operand, dropout_scale, grouped_tile
 
 
 @triton.jit
@@ -37,14 +37,7 @@ def lora_forward_kernel(
 ):  # fmt: skip
     # Grouped tile order: GROUP_M row-blocks share each W column-block while
     # it is in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     # int64 row and column indices: M * K and M * N may pass 2^31.
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import INTERPRETED, accumulator_dtype, dot_operand
+from .common import INTERPRETED, accumulator_dtype, dot_operand, grouped_tile
 from .multi_forward import (
     LORA_A,
     LORA_B,
@@ -58,16 +58,10 @@ def multi_lora_dx_kernel(
     # As in the forward, (BLOCK_M x BLOCK_N) is the output tile and BLOCK_K
     # the reduction step; the output columns run along K, the reduction
     # along N.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_k = 1
     if COMPUTE_DX:
         num_pid_k = tl.cdiv(K, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_k
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_rows
-    pid_k = (pid % pids_per_group) // group_rows
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_pid_k, GROUP_M)
 
     slots = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_k.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
