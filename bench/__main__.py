@@ -12,7 +12,6 @@ composed/fused, each with its target) and writes bench/results/<device>.json
 import argparse
 import dataclasses
 import pathlib
-import re
 import sys
 import time
 
@@ -22,7 +21,7 @@ import fused_lora
 from fused_lora.kernels.common import INTERPRETED
 
 from . import cases as presets
-from .report import environment, plot, summarize, table, write_json
+from .report import device_slug, environment, failed_checks, plot, summarize, table, write_json
 from .runner import PASSES, run_case
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -80,14 +79,12 @@ def main(argv=None):
     print(table(rows, env))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "quick-" if args.quick else ""
-    stem += re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") if on_gpu else "cpu"
+    stem = ("quick-" if args.quick else "") + device_slug(env)
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
     write_json(json_path, env, rows, "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     plot(png_path, rows, env)
     print(f"\nwrote {json_path} and {png_path}")
-    failed = [f"{row['case']['label']} {row['pass']} {name}" for row in rows
-              for name, entry in row["result"].items() if not entry["check_ok"]]  # fmt: skip
+    failed = failed_checks(rows, lambda row: row["case"]["label"])
     if failed:
         print("FAILED the accuracy check (not timed): " + "; ".join(failed))
         return 1

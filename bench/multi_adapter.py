@@ -23,7 +23,6 @@ every raw timing).
 import argparse
 import dataclasses
 import pathlib
-import re
 import sys
 
 import torch
@@ -32,7 +31,7 @@ import fused_lora
 from fused_lora.multi_reference import peft_mixed_batch
 from fused_lora.reference import within_tolerance
 
-from .report import environment, write_json
+from .report import device_slug, environment, failed_checks, write_json
 from .timing import measure, rotations
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -227,12 +226,10 @@ def main(argv=None):
     print()
     print(table(rows))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-") if on_gpu else "cpu"
-    path = args.out / f"{'quick-' if args.quick else ''}multi-adapter-{stem}.json"
+    path = args.out / f"{'quick-' if args.quick else ''}multi-adapter-{device_slug(env)}.json"
     write_json(path, env, rows, "python -m bench.multi_adapter " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"\nwrote {path}")
-    failed = [f"{row['batch']} n={row['adapters']} {row['pass']} {name}" for row in rows
-              for name, entry in row["result"].items() if not entry["check_ok"]]  # fmt: skip
+    failed = failed_checks(rows, lambda row: f"{row['batch']} n={row['adapters']}")
     if failed:
         print("FAILED the accuracy check (not timed): " + "; ".join(failed))
         return 1

@@ -4,6 +4,7 @@ import datetime
 import json
 import pathlib
 import platform
+import re
 import subprocess
 
 import torch
@@ -43,6 +44,23 @@ def environment(device) -> dict:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
     }
+
+
+def device_slug(env: dict) -> str:
+    """The device as a file name: 'cpu', or e.g. 'nvidia-h100-80gb-hbm3'."""
+    if env["device_type"] != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+
+
+def failed_checks(rows: list[dict], label) -> list[str]:
+    """'<label(row)> <pass> <implementation>' for every entry that failed its accuracy check."""
+    return [
+        f"{label(row)} {row['pass']} {name}"
+        for row in rows
+        for name, entry in row["result"].items()
+        if not entry["check_ok"]
+    ]
 
 
 def ratios(pass_result: dict) -> dict:
