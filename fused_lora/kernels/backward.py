@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import INTERPRETED, accumulator_dtype, dot_operand, dropout_scale, grouped_tile
+from .common import INTERPRETED, accumulator_dtype, dot_operand, dropout_scale, grouped_tile, num_sms
 
 
 @triton.jit
@@ -155,12 +155,6 @@ lora_grad_ab_tuned = triton.autotune(
 )(lora_grad_ab_kernel)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreted: a few splits, so the atomic path runs in tests
-
-
 def lora_dx(
     grad_y, weight, lora_a, lora_b, scaling, *, compute_dx, base_precision, lora_precision, dropout_p=0.0, seed=0,
     out=None, g_out=None,
@@ -234,7 +228,7 @@ def lora_grad_ab(wide, skinny, scaling, *, precision, out, dropout_p=0.0, seed=0
     else:
         meta = None
         p_tiles = triton.cdiv(p, 64)
-        rows_per_split = configs.split_m(m, p_tiles, _num_sms(wide.device))
+        rows_per_split = configs.split_m(m, p_tiles, num_sms(wide.device))
     splits = triton.cdiv(m, rows_per_split)
     atomic = splits > 1
     # Atomic partial sums meet in an fp32 buffer, rounded once at the end.

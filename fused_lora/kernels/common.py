@@ -1,6 +1,8 @@
 """What every kernel file shares: whether Triton interprets, and the
 interpreter's bf16 workaround."""
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -66,3 +68,14 @@ def accumulator_dtype(dtype: torch.dtype):
     a float64 accumulator: the interpreter returns garbage for fp64 operands
     into an fp32 one."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device: how many programs fill it."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    # Cached: querying the properties costs host time on every backward.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import INTERPRETED, accumulator_dtype, dot_operand, grouped_tile
+from .common import INTERPRETED, accumulator_dtype, dot_operand, grouped_tile, num_sms
 from .multi_forward import (
     LORA_A,
     LORA_B,
@@ -262,12 +262,6 @@ def multi_lora_dx(
     return dx, g
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreted: a few chunks per adapter, so the atomics meet in tests
-
-
 def multi_lora_grad_ab(wide, skinny, lora_a, lora_b, scalings, groups, *, scaled, precision):
     """Per adapter a with rows: scale * wide_a^T @ skinny_a[:, :r_a], reduced
     over that adapter's rows in the skinny operand's dtype (scale = s_a when
@@ -293,7 +287,7 @@ def multi_lora_grad_ab(wide, skinny, lora_a, lora_b, scalings, groups, *, scaled
         rows_per_chunk = configs.interpreter_config()["split_m"]
     else:
         meta = None
-        rows_per_chunk = configs.split_m(m, triton.cdiv(p, 64), _num_sms(wide.device))
+        rows_per_chunk = configs.split_m(m, triton.cdiv(p, 64), num_sms(wide.device))
     # Work items: chunks of at most rows_per_chunk positions of one adapter.
     work = [
         (adapter, slots[adapter], first, min(first + rows_per_chunk, end))
