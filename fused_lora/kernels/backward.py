@@ -231,10 +231,16 @@ def lora_grad_ab(wide, skinny, scaling, *, precision, out, dropout_p=0.0, seed=0
         rows_per_split = configs.split_m(m, p_tiles, num_sms(wide.device))
     splits = triton.cdiv(m, rows_per_split)
     atomic = splits > 1
-    # Atomic partial sums meet in an fp32 buffer, rounded once at the end.
-    target = (
-        torch.zeros((p, r), device=wide.device, dtype=torch.promote_types(out.dtype, torch.float32)) if atomic else out
-    )
+    # Atomic partial sums meet in fp32 (or wider): in `out` itself when it is
+    # that wide (fp32 adapters, PEFT's default), else in a buffer rounded once
+    # at the end.
+    sum_dtype = torch.promote_types(out.dtype, torch.float32)
+    if not atomic:
+        target = out
+    elif out.dtype == sum_dtype:
+        target = out.zero_()
+    else:
+        target = torch.zeros((p, r), device=wide.device, dtype=sum_dtype)
     args = (
         wide, skinny, target, m, p, r, rows_per_split, float(scaling), seed, float(dropout_p),
         *wide.stride(), *skinny.stride(), *target.stride(),
@@ -255,6 +261,6 @@ def lora_grad_ab(wide, skinny, scaling, *, precision, out, dropout_p=0.0, seed=0
         lora_grad_ab_kernel[grid(meta)](*args, **flags, **meta)
     else:
         lora_grad_ab_tuned[grid](*args, **flags)
-    if atomic:
+    if target is not out:
         out.copy_(target)
     return out
