@@ -12,6 +12,8 @@ on the machine only ever make a round slower.
 """
 
 import argparse
+import pathlib
+import sys
 import time
 
 import torch
@@ -20,6 +22,8 @@ import torch.nn.functional as F
 import fused_lora
 from fused_lora import functional, ops
 from fused_lora.dispatch import select
+
+from .report import device_slug, environment, write_json
 
 
 def per_call_us(rows, device: str, calls: int = 500, rounds: int = 15) -> dict[str, float]:
@@ -83,13 +87,24 @@ def main(argv=None) -> None:
         "--backend", default=None, choices=["torch", "triton"], help="default: auto on cuda, torch on cpu"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row (its compile is slow)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help="folder for overhead-<device>.json")
     args = parser.parse_args(argv)
     backend = args.backend or ("torch" if args.device == "cpu" else "auto")
     with fused_lora.set_backend(backend):
         print(f"host time per forward, M=1 K=64 N=64 r=8 fp32, {args.device}, backend {backend}")
         print(f"torch {torch.__version__}, best of 15 rounds of 500 calls each")
-        for name, us in per_call_us(rows(args.device, not args.no_compile), args.device).items():
+        results = per_call_us(rows(args.device, not args.no_compile), args.device)
+        for name, us in results.items():
             print(f"  {name:52s} {us:8.1f} us")
+    env = environment(torch.device(args.device))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"overhead-{device_slug(env)}.json"
+    rows_ = [{"row": name, "host_us_per_call": us, "backend": backend} for name, us in results.items()]
+    write_json(path, env, rows_, "python -m bench.overhead " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(f"wrote {path}")
+
+
+RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 if __name__ == "__main__":
