@@ -27,7 +27,7 @@ def compile_rows(quick: bool) -> list[dict]:
     # Compiling needs TRITON_INTERPRET unset when Triton is imported: a child process.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    command = [sys.executable, "-m", "fused_lora.kernels.compile_check"] + (["--suite"] if quick else [])
+    command = [sys.executable, "-m", "bench.compile_check"] + (["--suite"] if quick else [])
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)

@@ -17,8 +17,9 @@ import dataclasses
 import torch
 
 import fused_lora
-from fused_lora import reference, triton_backend
-from fused_lora.kernels.forward import lora_forward
+from fused_lora import reference
+from fused_lora.backends import triton_backend
+from fused_lora.kernels.gemm import lora_gemm
 
 
 @dataclasses.dataclass
@@ -109,7 +110,9 @@ def triton_base(x, p: Params):
     """The fused kernel's own GEMM with the LoRA part switched off (GPU,
     forward only): x W^T + bias, to compare our GEMM with cuBLAS's."""
     precision = triton_backend.fp32_precision() if x.dtype == torch.float32 else "ieee"
-    y, _ = lora_forward(x, p.weight, p.bias, None, None, 0.0, base_precision=precision, lora_precision=precision)
+    y, _ = lora_gemm(
+        x, p.weight.t(), p.bias, None, dx=False, compute_y=True, base_precision=precision, lora_precision=precision
+    )
     return y
 
 

@@ -28,8 +28,7 @@ import sys
 import torch
 
 import fused_lora
-from fused_lora.multi_reference import peft_mixed_batch
-from fused_lora.reference import within_tolerance
+from fused_lora.reference import peft_mixed_batch, within_tolerance
 
 from .report import device_slug, environment, failed_checks, write_json
 from .timing import measure, rotations

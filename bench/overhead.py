@@ -1,4 +1,4 @@
-"""python -m bench.overhead: host time per forward call, in microseconds.
+"""python -m bench.overhead: host time per call, in microseconds.
 
     python -m bench.overhead                 # CPU, torch backend, plus torch.compile (about a minute)
     python -m bench.overhead --no-compile    # eager rows only
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import fused_lora
-from fused_lora import functional, ops
-from fused_lora.dispatch import select
+from fused_lora import ops
+from fused_lora.backends import select
+from fused_lora.batch import Adapters
 
 from .report import device_slug, environment, write_json
 
@@ -44,32 +45,55 @@ def per_call_us(rows, device: str, calls: int = 500, rounds: int = 15) -> dict[s
     return best
 
 
+def _peft_layer(k, n, r, device):
+    """PEFT's own lora.Linear over an nn.Linear (the module a PEFT model holds), or None without peft."""
+    try:
+        from peft.tuners.lora import Linear as PeftLinear
+    except ImportError:
+        return None
+    return PeftLinear(torch.nn.Linear(k, n, device=device), "default", r=r, lora_alpha=r, init_lora_weights=False)
+
+
+def _training_step(module, x):
+    def step():
+        module(x).sum().backward()
+
+    return step
+
+
 def rows(device: str, compile_: bool, m: int = 1, k: int = 64, n: int = 64, r: int = 8) -> list:
-    """(name, fn, grad enabled) for each way of computing one forward."""
+    """(name, fn, grad enabled) for each way of computing one forward, and
+    for a training step (forward + backward of A and B)."""
     x = torch.randn(m, k, device=device)
     layer = fused_lora.LoRALinear(k, n, r=r, init_lora_weights=False, device=device).eval()
     w, b, a, bb, s = layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.scaling
     linear = torch.nn.Linear(k, n, device=device)
+    adapters = Adapters([a], [bb], layer._scalings, [0.0])
     backend = select(x)
     table = [
         ("F.linear (the floor)", lambda: F.linear(x, w, b), False),
         ("nn.Linear (a module's floor)", lambda: linear(x), False),
-        ("PEFT-style composition", lambda: F.linear(x, w, b) + F.linear(F.linear(x, a), bb) * s, False),
         (
             f"{backend.__name__.rsplit('.', 1)[1]}.forward (no checks)",
-            lambda: backend.forward(x, w, b, a, bb, s),
+            lambda: backend.forward(x, w, b, adapters, None),
             False,
         ),
-        ("check_inputs alone", lambda: functional.check_inputs(x, w, b, a, bb, s), False),
         ("lora_linear, inference", lambda: fused_lora.lora_linear(x, w, b, a, bb, s), False),
         ("LoRALinear, eval", lambda: layer(x), False),
-        ("lora_linear, training (A, B require grad)", lambda: fused_lora.lora_linear(x, w, b, a, bb, s), True),
+    ]
+    peft = _peft_layer(k, n, r, device)
+    if peft is not None:
+        peft.eval()
+        table.insert(2, ("PEFT lora.Linear, eval", lambda: peft(x), False))
+        table.append(("PEFT lora.Linear, training step", _training_step(peft, x), True))
+    table.append(("LoRALinear, training step", _training_step(layer, x), True))
+    table.append(
         (
             "custom op, training (what compiled code calls)",
-            lambda: ops.lora_forward(x, w, b, a, bb, s, 0.0, None),
+            lambda: ops.lora_forward(x, w, b, [a], [bb], layer._scalings, [0.0], None, None, None, None, "auto"),
             True,
-        ),
-    ]
+        )
+    )
     if compile_:
         compiled_linear = torch.compile(linear, fullgraph=True)
         compiled = torch.compile(layer, fullgraph=True)

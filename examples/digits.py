@@ -1,6 +1,6 @@
 """Teach a digit classifier two new digits with LoRA only.
 
-The seed experiment (../shared/seeds/002_*.txt) on scikit-learn's 8x8 digits
+The classic "teach a model two new digits with LoRA alone" experiment on scikit-learn's 8x8 digits
 (1,797 images, shipped with scikit-learn: no download):
 
 1. train a small MLP (nn.Linear layers) on the digits 0-7 only: it cannot

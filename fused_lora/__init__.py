@@ -1,16 +1,16 @@
 """fused-lora: Triton kernels for LoRA linear layers, fused forward and backward."""
 
-from .dispatch import set_backend
-from .functional import dropout_mask, lora_linear
-from .layer import LoRALinear, lora_scaling
-from .model import apply_lora, count_parameters, merge_and_unload, unload
-from .multi_functional import multi_lora_linear
-from .multi_layer import MultiLoRALinear
-from .peft_interop import from_peft, load_adapter, save_adapter, to_peft
+from .backends import set_backend
+from .functional import dropout_mask, lora_linear, multi_lora_linear
+from .integrations.adapter_files import load_adapter, save_adapter
+from .integrations.model import adapter_names, apply_lora, count_parameters, merge_and_unload, unload
+from .integrations.peft import from_peft, to_peft
+from .layers import LoRALinear, MultiLoRALinear, lora_scaling
 
 __all__ = [
     "LoRALinear",
     "MultiLoRALinear",
+    "adapter_names",
     "apply_lora",
     "count_parameters",
     "dropout_mask",

@@ -1,89 +1,27 @@
-"""lora_linear(): autocast casting, input checks, the dropout seed, then the
-fused op (`ops`: backend dispatch and the autograd formula) by one of three
-equivalent routes: the custom op when torch.compile traces, its autograd
-Function when eager code needs gradients, the bare implementation otherwise
-(inference pays no autograd host time)."""
+"""lora_linear() and multi_lora_linear(): autocast casting, the input
+checks, the dropout seed and the row grouping, then the fused op (`ops`) by
+one of three equivalent routes: the custom op when torch.compile traces (or
+for meta tensors), its autograd Function when eager code needs gradients,
+the bare implementation otherwise (inference pays no autograd host time).
+One adapter is the case of many with no row ids."""
 
+import functools
 import math
-import numbers
+from collections.abc import Sequence
 
 import torch
 
-from . import dispatch, ops
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _require_tensor(name, value):
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+from . import backends, ops
+from .batch import UNSORTED_MAX_ROWS, group_rows
+from .checks import check_adapter_ids, check_dropout, check_inputs, check_scaling_tensor, check_seed
 
 
-def _require_dim(name, tensor, dim, expected):
-    if tensor.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D {expected}, got shape {tuple(tensor.shape)}")
+def _one_name(kind, _i):
+    return kind
 
 
-def _is_real(value) -> bool:
-    """A real number that is not a bool; plain floats and ints skip the slow
-    abstract-class isinstance (this runs on every call)."""
-    return type(value) in (float, int) or (not isinstance(value, bool) and isinstance(value, numbers.Real))
-
-
-def check_dropout(dropout_p, seed):
-    if not _is_real(dropout_p) or not 0 <= dropout_p < 1:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
-        raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
-
-
-def check_inputs(x, weight, bias, lora_a, lora_b, scaling):
-    """Raise a TypeError / ValueError naming the argument for anything the
-    kernels do not take as it is. Nothing is converted."""
-    for name, value in (("x", x), ("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b)):
-        _require_tensor(name, value)
-    if bias is not None:
-        _require_tensor("bias", bias)
-    if not _is_real(scaling):
-        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
-
-    _require_dim("weight", weight, 2, "(out_features, in_features)")
-    n, k = weight.shape
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension (..., in_features={k}), got a 0-d tensor")
-    if x.shape[-1] != k:
-        raise ValueError(f"x must have shape (..., {k}) to match weight (N={n}, K={k}), got {tuple(x.shape)}")
-    _require_dim("lora_a", lora_a, 2, f"(r, in_features={k})")
-    r = lora_a.shape[0]
-    if r < 1:
-        raise ValueError(f"lora_a must have rank r >= 1 rows, got shape {tuple(lora_a.shape)}")
-    if lora_a.shape[1] != k:
-        raise ValueError(f"lora_a must have shape (r, {k}) to match weight, got {tuple(lora_a.shape)}")
-    _require_dim("lora_b", lora_b, 2, f"(out_features={n}, r={r})")
-    if tuple(lora_b.shape) != (n, r):
-        raise ValueError(f"lora_b must have shape ({n}, {r}) to match weight and lora_a, got {tuple(lora_b.shape)}")
-    if bias is not None:
-        _require_dim("bias", bias, 1, f"(out_features={n},)")
-        if bias.shape[0] != n:
-            raise ValueError(f"bias must have shape ({n},) to match weight, got {tuple(bias.shape)}")
-
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    for name, value in (("weight", weight), ("bias", bias)):
-        if value is not None and value.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {value.dtype}")
-    if lora_b.dtype != lora_a.dtype:
-        raise TypeError(f"lora_b must have lora_a's dtype {lora_a.dtype}, got {lora_b.dtype}")
-    fp32_adapters = lora_a.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
-    if lora_a.dtype != x.dtype and not fp32_adapters:
-        raise TypeError(
-            f"lora_a and lora_b must have x's dtype {x.dtype} (or float32 with float16 / bfloat16 x), "
-            f"got {lora_a.dtype}"
-        )
-
-    for name, value in (("weight", weight), ("bias", bias), ("lora_a", lora_a), ("lora_b", lora_b)):
-        if value is not None and value.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {value.device}")
+def _indexed_name(kind, i):
+    return f"{'scalings' if kind == 'scaling' else kind}[{i}]"
 
 
 def lora_linear(
@@ -92,7 +30,7 @@ def lora_linear(
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     *,
     dropout_p: float = 0.0,
     seed: int | None = None,
@@ -101,12 +39,15 @@ def lora_linear(
     d = dropout(x, dropout_p) on the LoRA branch only (d = x when dropout_p = 0).
 
     x: (..., K); weight: (N, K); bias: (N,) or None; lora_a: (r, K);
-    lora_b: (N, r); scaling: a float (lora_alpha / r in PEFT).
+    lora_b: (N, r); scaling: a finite float (lora_alpha / r in PEFT), or a
+    float tensor of one element on x's device (a layer's: data, so a
+    compiled graph serves any value; its value is not checked here).
     Returns y: (..., N) in x's dtype. Differentiable in every tensor argument.
 
     weight and bias share x's dtype; lora_a and lora_b share x's dtype or are
     float32 (PEFT's default for bf16 / fp16 models), in which case the LoRA
-    branch computes in float32. All tensors on one device.
+    branch computes in float32. All tensors on one device; meta tensors give
+    a meta result, as nn.Linear does.
 
     Dropout keeps each element of x with probability 1 - dropout_p and scales
     it by 1 / (1 - dropout_p); the mask is a function of (seed, element
@@ -119,53 +60,163 @@ def lora_linear(
     LoRA branch in float32, as above), other adapters are cast too.
     Traceable by torch.compile(fullgraph=True), dynamic in the leading dims.
     """
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        x, weight, bias, lora_a, lora_b = _autocast(x.device.type, x, weight, bias, lora_a, lora_b)
-    check_inputs(x, weight, bias, lora_a, lora_b, scaling)
-    check_dropout(dropout_p, seed)
+    if isinstance(x, torch.Tensor) and _autocasting(x):
+        x, weight, bias, (lora_a,), (lora_b,) = _autocast(x, weight, bias, [lora_a], [lora_b])
+    tensor = isinstance(scaling, torch.Tensor)
+    check_inputs(x, weight, bias, [lora_a], [lora_b], None if tensor else [scaling], [dropout_p], names=_one_name)
+    if tensor:
+        check_scaling_tensor("scaling", scaling, ((), (1,)), x)
+    scalings = _as_tensor(scaling if tensor else [scaling], x.device, lora_a.dtype)
+    check_seed(seed)
+    return _run(x, weight, bias, [lora_a], [lora_b], scalings, [dropout_p], seed, None)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    scalings: Sequence[float] | torch.Tensor,
+    adapter_ids: torch.Tensor,
+    *,
+    dropout_p: float | Sequence[float] = 0.0,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """The LoRA linear layer with a different adapter for every row, fused:
+    y_i = W x_i + bias + scalings[a] * lora_b[a] @ lora_a[a] @ d_i with
+    a = adapter_ids[i], d = dropout(x, dropout_p[a]); a = -1 leaves row i to
+    the base layer.
+
+    x: (..., K); weight: (N, K); bias: (N,) or None; lora_a[a]: (r_a, K);
+    lora_b[a]: (N, r_a), ranks free to differ; scalings: finite floats, one
+    per adapter, or an (n,) float tensor on x's device;
+    dropout_p: one float for every adapter or one per adapter; adapter_ids:
+    integers in [-1, len(lora_a)), of x's leading shape (one per row) or of
+    its first dimension (one per batch entry), on x's device or on the CPU.
+    Returns y: (..., N) in x's dtype. Differentiable in x, weight, bias and
+    every adapter.
+
+    An adapter with no rows in the batch gets None as its gradient in eager
+    mode (the rows are counted on the host: free for CPU ids, one device
+    sync for ids on a GPU), and zeros under torch.compile or CUDA graph
+    capture, which cannot read the ids on the host. Under capture the ids
+    must already be on the GPU (no host-to-device copy).
+
+    Dtypes, devices, dropout, autocast and torch.compile as in lora_linear;
+    all adapters share one dtype. The rows are never reordered: the kernels
+    group them by adapter internally and write y in the caller's order.
+    """
+    for name, value in (("lora_a", lora_a), ("lora_b", lora_b), ("scalings", scalings)):
+        if name == "scalings" and isinstance(value, torch.Tensor):
+            continue
+        if isinstance(value, torch.Tensor) or not isinstance(value, Sequence):
+            raise TypeError(f"{name} must be a list or tuple (one entry per adapter), got {type(value).__name__}")
+        if len(value) != len(lora_a):
+            raise ValueError(f"{name} must have one entry per adapter ({len(lora_a)}, as lora_a), got {len(value)}")
+    n = len(lora_a)
+    if isinstance(dropout_p, Sequence) and not isinstance(dropout_p, str):
+        if len(dropout_p) != n:
+            raise ValueError(f"dropout_p must be one float or one per adapter ({n}), got {len(dropout_p)}")
+        dropout_p = list(dropout_p)
+    else:
+        check_dropout("dropout_p", dropout_p)
+        dropout_p = [dropout_p] * n
+    lora_a, lora_b = list(lora_a), list(lora_b)
+    if isinstance(x, torch.Tensor) and _autocasting(x):
+        x, weight, bias, lora_a, lora_b = _autocast(x, weight, bias, lora_a, lora_b)
+    tensor = isinstance(scalings, torch.Tensor)
+    check_inputs(x, weight, bias, lora_a, lora_b, None if tensor else scalings, dropout_p, names=_indexed_name)
+    if tensor:
+        check_scaling_tensor("scalings", scalings, ((n,),), x)
+    scalings = _as_tensor(scalings, x.device, lora_a[0].dtype if n else x.dtype)
+    check_seed(seed)
+    check_adapter_ids(adapter_ids, x, n)
+    leading = x.shape[:-1]
+    if tuple(adapter_ids.shape) != tuple(leading):  # one per batch entry: broadcast over the rest
+        adapter_ids = adapter_ids.reshape(-1, *[1] * (len(leading) - 1)).expand(leading)
+    return _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids.reshape(-1))
+
+
+def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids):
+    """Checked inputs -> y: the seed, the rows, then the op by its route."""
     seed_tensor = None
-    if dropout_p > 0:
+    if any(p > 0 for p in dropout_p):
         if x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
-                "lora_linear with dropout_p > 0 cannot be captured in a CUDA graph: the seed is drawn on the "
-                "host, so every replay would reuse the mask of the capture (use eval mode, or dropout_p=0)"
+                "LoRA dropout cannot be captured in a CUDA graph: the seed is drawn on the host, so every replay "
+                "would reuse the mask of the capture (use eval mode, or dropout 0)"
             )
         # A 0-d CPU tensor: under torch.compile the draw is a graph node, not a `.item()` graph break.
         seed_tensor = torch.randint(0, 2**31 - 1, ()) if seed is None else torch.tensor(seed)
+    rows, present = (None, None, None), None
+    if adapter_ids is not None:
+        if adapter_ids.device != x.device and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise ValueError("adapter_ids must be on the GPU during CUDA graph capture (no host-to-device copy)")
+        # Compiled graphs always sort: one graph for every number of tokens.
+        sort = torch.compiler.is_compiling() or adapter_ids.numel() > UNSORTED_MAX_ROWS
+        grouped = group_rows(adapter_ids, len(lora_a), x.device, sort=sort)
+        rows = (grouped.ids, grouped.order, grouped.starts)
+        if adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            counts = torch.bincount(adapter_ids.to(torch.int64) + 1, minlength=len(lora_a) + 1).tolist()
+            present = [c > 0 for c in counts[1:]]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view where the strides allow one
-    args = (x2d, weight, bias, lora_a, lora_b, float(scaling), float(dropout_p), seed_tensor)
-    if torch.compiler.is_compiling():
-        y, _ = ops.lora_forward(*args)  # the custom op: Dynamo and AOTAutograd trace it
+    args = (x2d, weight, bias, lora_a, lora_b, scalings, [float(p) for p in dropout_p], seed_tensor, *rows,
+            backends.requested())  # fmt: skip
+    if torch.compiler.is_compiling() or x.device.type == "meta":
+        y, _ = ops.lora_forward(*args)  # the custom op: Dynamo and AOTAutograd trace it; meta runs its fake
     elif torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b):
-        y, _ = ops.LoRALinearFunction.apply(*args)  # the op's autograd, without the dispatcher's host time
+        y, _ = ops.LoRAFunction.apply(*args[:3], *args[5:], present, *lora_a, *lora_b)
     else:
         y, _ = ops.forward(*args)  # inference: no graph to record, the implementation alone
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _as_tensor(scalings, device, adapter_dtype) -> torch.Tensor:
+    """The scalings as the ops take them: an (n,) float tensor on the device
+    (fp64 for fp64 adapters, else fp32). Floats are turned into one once per
+    distinct value (cached): no host-to-device copy per call."""
+    if isinstance(scalings, torch.Tensor):
+        return scalings.reshape(-1)
+    dtype = torch.float64 if adapter_dtype == torch.float64 else torch.float32
+    values = tuple(float(s) for s in scalings)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=dtype, device=device)
+    return _cached_tensor(values, dtype, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_tensor(values, dtype, device):
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _any_requires_grad(x, weight, bias, lora_a, lora_b) -> bool:
     return (
         x.requires_grad
         or weight.requires_grad
-        or lora_a.requires_grad
-        or lora_b.requires_grad
         or (bias is not None and bias.requires_grad)
+        or any(a.requires_grad for a in lora_a)
+        or any(b.requires_grad for b in lora_b)
     )
 
 
-def _autocast(device_type, x, weight, bias, lora_a, lora_b):
+def _autocasting(x: torch.Tensor) -> bool:
+    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+
+
+def _autocast(x, weight, bias, lora_a, lora_b):
     """Cast as autocast casts nn.Linear's inputs: x, weight and bias to the
     autocast dtype (float64 and non-float tensors stay as they are). float32
     adapters stay float32, so the LoRA branch computes in float32 as it does
     for PEFT's fp32 adapters on a bf16 model; other adapters are cast too."""
-    dtype = torch.get_autocast_dtype(device_type)
+    dtype = torch.get_autocast_dtype(x.device.type)
 
     def cast(t):
         castable = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
         return t.to(dtype) if castable else t
 
-    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (lora_a, lora_b)):
-        lora_a, lora_b = cast(lora_a), cast(lora_b)
+    if not all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (*lora_a, *lora_b)):
+        lora_a, lora_b = [cast(a) for a in lora_a], [cast(b) for b in lora_b]
     return cast(x), cast(weight), cast(bias), lora_a, lora_b
 
 
@@ -173,8 +224,9 @@ def dropout_mask(shape, dropout_p: float, seed: int, device="cpu") -> torch.Tens
     """The bool mask (True = kept) that lora_linear applies to an x of this
     shape (..., K) with this dropout_p and seed, on the backend that would run
     for a float32 x on `device`."""
-    check_dropout(dropout_p, seed)
+    check_dropout("dropout_p", dropout_p)
+    check_seed(seed)
     *leading, k = shape
     m = math.prod(leading)
-    backend = dispatch.select(torch.empty(0, device=device))
+    backend = backends.select(torch.empty(0, device=device))
     return backend.dropout_mask(m, k, float(dropout_p), seed, torch.device(device)).reshape(shape)

@@ -1,35 +1,34 @@
-"""The fused primitives as `torch.library` custom ops, so that torch.compile
-traces models of LoRALinear layers as one graph (fullgraph=True).
+"""The primitives as `torch.library` custom ops, and the one autograd formula
+over them, for one adapter and for many.
 
-    fused_lora::lora_forward(x, W, bias?, A, B, s, p, seed?) -> (y, H)
-    fused_lora::lora_grad_x(dY, W, A, B, s, p, seed?)       -> (dX, G)
-    fused_lora::lora_grad_g(dY, W, A, B, s)                 -> G
-    fused_lora::lora_grad_a(x, G, p, seed?)                 -> dA
-    fused_lora::lora_grad_b(dY, H, s)                       -> dB
+    fused_lora::lora_forward(x, W, bias?, A[], B[], s, p[], seed?, ids?, order?, starts?, backend) -> (y, H)
+    fused_lora::lora_grad_x(dY, W, A[], B[], s, p[], seed?, ids?, order?, starts?, backend)       -> (dX, G)
+    fused_lora::lora_grad_g(dY, W, A[], B[], s, ids?, order?, starts?, backend)                   -> G
+    fused_lora::lora_grad_a(x, G, A[], B[], s, p[], seed?, ids?, order?, starts?, backend)        -> dA[]
+    fused_lora::lora_grad_b(dY, H, A[], B[], s, ids?, order?, starts?, backend)                   -> dB[]
 
-    x: (M, K)  W: (N, K)  bias: (N,)  A: (R, K)  B: (N, R)  y, dY: (M, N)
-    H, G: (M, R) in the adapters' dtype;  seed: a 0-d int64 CPU tensor, or None
+    x: (M, K)  W: (N, K)  bias: (N,)  A[i]: (r_i, K)  B[i]: (N, r_i)  y, dY: (M, N)
+    s: (n,) the scalings, a float tensor on x's device;  p[i]: dropout probabilities
+    H, G: (M, max r_i) in the adapters' dtype;  seed: a 0-d int64 CPU tensor, or None
+    ids / order / starts: the rows of a multi-adapter call (`batch.Rows`); None for one adapter
+    backend: "auto" | "triton" | "torch", as requested when the forward ran
 
 Why `custom_op` (+ `register_fake`, `register_autograd`) and not `triton_op`:
 Inductor cannot fuse much into a GEMM with a LoRA epilogue anyway, the
 launchers autotune and allocate in Python, the CPU path is not Triton at all,
 and `triton_op`'s fake tracing reaches the launchers' `data_ptr` and fails on
-CPU under the interpreter (TESTING.md). The ops stay opaque to the compiler.
+CPU under the interpreter. The ops stay opaque to the compiler.
 
-The backend is picked inside each op, when it runs (`dispatch.select`): a
-compiled graph holds `fused_lora::lora_forward`, never a backend, so
-set_backend after compiling still decides.
-
-The dropout seed is a tensor: lora_linear draws it with `torch.randint`, a
-graph node under torch.compile (an int would need `.item()`, a graph break),
-and the op reads it on the host, where a CPU tensor costs no device sync.
+The backend requested when the forward runs (or is traced) is an argument of
+every op, saved for the backward: a forward under `with set_backend(...)`
+has its backward on the same backend, whose dropout mask is the forward's.
+The dropout seed is a tensor: drawn with `torch.randint`, a graph node under
+torch.compile (an int would need `.item()`, a graph break).
 
 Eager calls skip the dispatcher, because each trip through a Python custom
-op costs tens of microseconds of host time (bench/overhead.py): lora_linear
-calls `LoRALinearFunction` (the same implementations, setup_context and
-backward as the op's autograd) when gradients are needed, and `forward`
-itself otherwise. Compiled code goes through the ops, which Dynamo and
-AOTAutograd trace; tests/test_ops.py checks that both routes agree.
+op costs tens of microseconds of host time (bench/overhead.py): the
+functional API calls `LoRAFunction` (the same implementations and backward
+formula) when gradients are needed, and `forward` itself otherwise.
 """
 
 import functools
@@ -38,17 +37,16 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import backends
+from .batch import Adapters, Rows
 
-
-def _seed(seed: Tensor | None) -> int:
-    return 0 if seed is None else int(seed.item())  # a CPU scalar: no device sync
+# ---- the implementations: run the requested backend's primitive --------------------
 
 
 def _outside_autocast(fn):
-    """lora_linear has cast the inputs already: an autocast region around the
-    call must not recast the backends' own matmuls (fp32 adapters would drop
-    to bf16). Decides on the first argument's device."""
+    """The functional API has cast the inputs already: an autocast region
+    around the call must not recast the backends' own matmuls (fp32 adapters
+    would drop to bf16)."""
 
     @functools.wraps(fn)
     def run(first, *args):
@@ -60,7 +58,12 @@ def _outside_autocast(fn):
     return run
 
 
-# ---- the implementations: pick a backend when called, run its primitive ------------
+def _seed(seed: Tensor | None) -> int:
+    return 0 if seed is None else int(seed.item())  # a CPU scalar: no device sync
+
+
+def _rows(ids, order, starts) -> Rows | None:
+    return None if ids is None else Rows(ids, order, starts)
 
 
 @_outside_autocast
@@ -68,50 +71,94 @@ def forward(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    scaling: float,
-    dropout_p: float,
+    lora_a: list[Tensor],
+    lora_b: list[Tensor],
+    scalings: Tensor,
+    dropout_p: list[float],
     seed: Tensor | None,
+    ids: Tensor | None,
+    order: Tensor | None,
+    starts: Tensor | None,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """y = x W^T + bias + s * H B^T, H = dropout(x) A^T. x: (M, K) -> y: (M, N), H: (M, R)."""
-    backend = dispatch.select(x)
-    return backend.forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p=dropout_p, seed=_seed(seed))
+    """y = x W^T + bias + s_a * H B_a^T, H = dropout(x) A_a^T per row:
+    x (M, K) -> y (M, N), H (M, max r)."""
+    adapters = Adapters(lora_a, lora_b, scalings, dropout_p)
+    return backends.select(x, backend).forward(x, weight, bias, adapters, _rows(ids, order, starts), _seed(seed))
 
 
 @_outside_autocast
 def grad_x(
     grad_y: Tensor,
     weight: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    scaling: float,
-    dropout_p: float,
+    lora_a: list[Tensor],
+    lora_b: list[Tensor],
+    scalings: Tensor,
+    dropout_p: list[float],
     seed: Tensor | None,
+    ids: Tensor | None,
+    order: Tensor | None,
+    starts: Tensor | None,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """dX = dY W + D (G A): (M, K) and G = s * dY B: (M, R), in one launch."""
-    backend = dispatch.select(grad_y)
-    return backend.backward_dx(
-        grad_y, weight, lora_a, lora_b, scaling, compute_dx=True, dropout_p=dropout_p, seed=_seed(seed)
-    )
+    """dX = dY W + D (G A_a) (M, K) and G = s_a dY B_a (M, max r), in one launch."""
+    adapters = Adapters(lora_a, lora_b, scalings, dropout_p)
+    rows = _rows(ids, order, starts)
+    return backends.select(grad_y, backend).grad_x(grad_y, weight, adapters, rows, _seed(seed), compute_dx=True)
 
 
 @_outside_autocast
-def grad_g(grad_y: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, scaling: float) -> Tensor:
-    """G = s * dY B: (M, R) alone, for training A without dX."""
-    return dispatch.select(grad_y).backward_dx(grad_y, weight, lora_a, lora_b, scaling, compute_dx=False)[1]
+def grad_g(
+    grad_y: Tensor,
+    weight: Tensor,
+    lora_a: list[Tensor],
+    lora_b: list[Tensor],
+    scalings: Tensor,
+    ids: Tensor | None,
+    order: Tensor | None,
+    starts: Tensor | None,
+    backend: str,
+) -> Tensor:
+    """G = s_a dY B_a (M, max r) alone, for training A without dX."""
+    adapters = Adapters(lora_a, lora_b, scalings, [0.0] * len(lora_a))
+    rows = _rows(ids, order, starts)
+    return backends.select(grad_y, backend).grad_x(grad_y, weight, adapters, rows, compute_dx=False)[1]
 
 
 @_outside_autocast
-def grad_a(x: Tensor, g: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
-    """dA = G^T dropout(x): (R, K), reduced over M."""
-    return dispatch.select(x).grad_a(x, g, dropout_p=dropout_p, seed=_seed(seed))
+def grad_a(
+    x: Tensor,
+    g: Tensor,
+    lora_a: list[Tensor],
+    lora_b: list[Tensor],
+    scalings: Tensor,
+    dropout_p: list[float],
+    seed: Tensor | None,
+    ids: Tensor | None,
+    order: Tensor | None,
+    starts: Tensor | None,
+    backend: str,
+) -> list[Tensor]:
+    """dA_a = G_a^T dropout(x_a): (r_a, K) per adapter, reduced over its rows."""
+    adapters = Adapters(lora_a, lora_b, scalings, dropout_p)
+    return backends.select(x, backend).grad_a(x, g, adapters, _rows(ids, order, starts), _seed(seed))
 
 
 @_outside_autocast
-def grad_b(grad_y: Tensor, h: Tensor, scaling: float) -> Tensor:
-    """dB = s * dY^T H: (N, R), reduced over M."""
-    return dispatch.select(grad_y).grad_b(grad_y, h, scaling)
+def grad_b(
+    grad_y: Tensor,
+    h: Tensor,
+    lora_a: list[Tensor],
+    lora_b: list[Tensor],
+    scalings: Tensor,
+    ids: Tensor | None,
+    order: Tensor | None,
+    starts: Tensor | None,
+    backend: str,
+) -> list[Tensor]:
+    """dB_a = s_a dY_a^T H_a: (N, r_a) per adapter, reduced over its rows."""
+    adapters = Adapters(lora_a, lora_b, scalings, [0.0] * len(lora_a))
+    return backends.select(grad_y, backend).grad_b(grad_y, h, adapters, _rows(ids, order, starts))
 
 
 # ---- the same as custom ops, each with a fake: shapes and dtypes, symbolic in M ----
@@ -123,31 +170,35 @@ lora_grad_a = torch.library.custom_op("fused_lora::lora_grad_a", grad_a, mutates
 lora_grad_b = torch.library.custom_op("fused_lora::lora_grad_b", grad_b, mutates_args=())
 
 
+def _skinny(like, lora_a):
+    """An (M, max r) tensor in the adapters' dtype (H or G)."""
+    width = max((a.shape[0] for a in lora_a), default=0)
+    return like.new_empty((like.shape[0], width), dtype=lora_a[0].dtype if lora_a else like.dtype)
+
+
 @lora_forward.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-    m = x.shape[0]
-    return x.new_empty((m, weight.shape[0])), x.new_empty((m, lora_a.shape[0]), dtype=lora_a.dtype)
+def _(x, weight, bias, lora_a, lora_b, *_):
+    return x.new_empty((x.shape[0], weight.shape[0])), _skinny(x, lora_a)
 
 
 @lora_grad_x.register_fake
-def _(grad_y, weight, lora_a, lora_b, scaling, dropout_p, seed):
-    m = grad_y.shape[0]
-    return grad_y.new_empty((m, weight.shape[1])), grad_y.new_empty((m, lora_a.shape[0]), dtype=lora_b.dtype)
+def _(grad_y, weight, lora_a, *_):
+    return grad_y.new_empty((grad_y.shape[0], weight.shape[1])), _skinny(grad_y, lora_a)
 
 
 @lora_grad_g.register_fake
-def _(grad_y, weight, lora_a, lora_b, scaling):
-    return grad_y.new_empty((grad_y.shape[0], lora_a.shape[0]), dtype=lora_b.dtype)
+def _(grad_y, weight, lora_a, *_):
+    return _skinny(grad_y, lora_a)
 
 
 @lora_grad_a.register_fake
-def _(x, g, dropout_p, seed):
-    return g.new_empty((g.shape[1], x.shape[1]))
+def _(x, g, lora_a, *_):
+    return [torch.empty_like(a) for a in lora_a]
 
 
 @lora_grad_b.register_fake
-def _(grad_y, h, scaling):
-    return h.new_empty((grad_y.shape[1], h.shape[1]))
+def _(grad_y, h, lora_a, lora_b, *_):
+    return [torch.empty_like(b) for b in lora_b]
 
 
 # ---- autograd: one formula, over the ops (compiled) or the implementations (eager) ----
@@ -156,63 +207,115 @@ OPS = SimpleNamespace(grad_x=lora_grad_x, grad_g=lora_grad_g, grad_a=lora_grad_a
 IMPLEMENTATIONS = SimpleNamespace(grad_x=grad_x, grad_g=grad_g, grad_a=grad_a, grad_b=grad_b)
 
 
-def _setup_context(ctx, inputs, output):
-    """Save x (only if A or W needs a gradient), W, A, B, the small H (only if
-    B does) and the seed; the dropout mask is regenerated, never saved."""
-    x, weight, _, lora_a, lora_b, scaling, dropout_p, seed = inputs
-    _, h = output
-    _, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
-    ctx.save_for_backward(x if (need_a or need_w) else None, weight, lora_a, lora_b, h if need_b else None, seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
-    ctx.mark_non_differentiable(h)  # H is for the backward only
+def save_for_backward(ctx, inputs, h, needs):
+    """Save x (only if an A or W needs a gradient), W, the adapters, the
+    small H (only if a B does), the seed and the rows; the dropout mask is
+    regenerated, never saved. `needs`: (x, W, bias, any A, any B)."""
+    x, weight, _, lora_a, lora_b, scalings, dropout_p, seed, ids, order, starts, backend = inputs
+    _, need_w, _, need_a, need_b = needs
+    saved = (x if (need_a or need_w) else None, weight, h if need_b else None, seed, ids, order, starts, scalings)
+    ctx.save_for_backward(*saved, *lora_a, *lora_b)
+    ctx.dropout_p, ctx.backend, ctx.count = dropout_p, backend, len(lora_a)
+
+
+def backward_formula(ctx, grad_y, needs, prims):
+    """Backward (dY: (M, N)); each adapter's terms sum over its own rows:
+    G  = s_a dY B_a          (M, R)   formed with dX, in one launch
+    dX = dY W + D (G A_a)    (M, K)   D = mask / (1 - p), or 1 without dropout
+    dA_a = G_a^T d_a         (r_a, K) dL/dA = s B^T dY^T d
+    dB_a = s_a dY_a^T H_a    (N, r_a) dL/dB = s dY^T (d A^T)
+    dW = dY^T x,  dbias = sum_m dY  (plain torch, only when required)
+    Returns (dX, dW, dbias, [dA_a], [dB_a]); a gradient not needed is None."""
+    x, weight, h, seed, ids, order, starts, s, *adapters = ctx.saved_tensors
+    lora_a, lora_b = adapters[: ctx.count], adapters[ctx.count :]
+    need_x, need_w, need_bias, need_a, need_b = needs
+    p, backend, rows = ctx.dropout_p, ctx.backend, (ids, order, starts)
+    grad_x = grad_w = grad_bias = grads_a = grads_b = None
+    if need_x:
+        grad_x, g = prims.grad_x(grad_y, weight, lora_a, lora_b, s, p, seed, *rows, backend)
+    elif need_a:
+        g = prims.grad_g(grad_y, weight, lora_a, lora_b, s, *rows, backend)
+    if need_a:
+        grads_a = prims.grad_a(x, g, lora_a, lora_b, s, p, seed, *rows, backend)
+    if need_b:
+        grads_b = prims.grad_b(grad_y, h, lora_a, lora_b, s, *rows, backend)
+    if need_w:
+        grad_w = torch.mm(grad_y.t(), x)
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    return grad_x, grad_w, grad_bias, grads_a, grads_b
+
+
+def _op_needs(ctx):
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    return need_x, need_w, need_bias, any(need_a), any(need_b)
+
+
+def _op_setup_context(ctx, inputs, output):
+    # needs_input_grad is flat here (list inputs are unflattened for the
+    # backward only): ask the inputs themselves.
+    x, weight, bias, lora_a, lora_b = inputs[:5]
+    needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
+             any(a.requires_grad for a in lora_a), any(b.requires_grad for b in lora_b))  # fmt: skip
+    save_for_backward(ctx, inputs, output[1], needs)
+    ctx.mark_non_differentiable(output[1])  # H is for the backward only
     ctx.set_materialize_grads(False)  # so no zero dH is allocated for it
 
 
-def _backward_over(prims: SimpleNamespace):
-    def backward(ctx, grad_y, _grad_h):
-        """Backward (dY: (M, N)):
-        G  = s * dY B          (M, R)   formed with dX, in one launch
-        dX = dY W + D (G A)    (M, K)   D = mask / (1 - p), or 1 without dropout
-        dA = G^T d             (R, K)   dL/dA = s * B^T dY^T d
-        dB = s * dY^T H        (N, R)   dL/dB = s * dY^T (d A^T)
-        dW = dY^T x,  dbias = sum_m dY  (plain torch, only when required)
-        """
-        if grad_y is None:  # y did not reach the loss
-            return (None,) * 8
-        x, weight, lora_a, lora_b, h, seed = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        s, p = ctx.scaling, ctx.dropout_p
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_x:
-            grad_x, g = prims.grad_x(grad_y, weight, lora_a, lora_b, s, p, seed)
-        elif need_a:
-            g = prims.grad_g(grad_y, weight, lora_a, lora_b, s)
-        if need_a:
-            grad_a = prims.grad_a(x, g, p, seed)
-        if need_b:
-            grad_b = prims.grad_b(grad_y, h, s)
-        if need_w:
-            grad_w = torch.mm(grad_y.t(), x)
-        if need_bias:
-            grad_bias = grad_y.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-    return backward
+def _op_backward(ctx, grad_y, _grad_h):
+    """The registered backward: under torch.compile or CUDA graph capture the
+    rows cannot be read on the host, so an adapter without rows gets zeros."""
+    if grad_y is None:  # y did not reach the loss
+        return (None,) * 12
+    need_a, need_b = ctx.needs_input_grad[3:5]
+    grad_x, grad_w, grad_bias, grads_a, grads_b = backward_formula(ctx, grad_y, _op_needs(ctx), OPS)
+    grads_a = [g if need else None for g, need in zip(grads_a or [None] * ctx.count, need_a, strict=True)]
+    grads_b = [g if need else None for g, need in zip(grads_b or [None] * ctx.count, need_b, strict=True)]
+    return grad_x, grad_w, grad_bias, grads_a, grads_b, *(None,) * 7
 
 
-lora_forward.register_autograd(_backward_over(OPS), setup_context=_setup_context)
+lora_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-class LoRALinearFunction(torch.autograd.Function):
+class LoRAFunction(torch.autograd.Function):
     """lora_forward's autograd for eager calls, without the dispatcher's
-    Python layers: the same implementations, setup_context and backward."""
+    Python layers: the same implementations, saved tensors and formula.
+    Autograd only sees tensors passed directly, so the adapters come last,
+    flattened: apply(x, W, bias, s, p[], seed, ids, order, starts, backend,
+    present, *A, *B). `present` (which adapters have rows; None: read from
+    the rows when needed) decides which adapters get None, not zeros."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        # setup_context inside forward: a separate staticmethod makes every
-        # apply() bind arguments through inspect.signature (slow).
+    def forward(ctx, x, weight, bias, scalings, dropout_p, seed, ids, order, starts, backend, present, *lora):
+        n = len(dropout_p)
+        lora_a, lora_b = list(lora[:n]), list(lora[n:])
+        inputs = (x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, ids, order, starts, backend)
         output = forward(*inputs)
-        _setup_context(ctx, inputs, output)
+        grads = ctx.needs_input_grad
+        needs = (grads[0], grads[1], grads[2], any(grads[11 : 11 + n]), any(grads[11 + n :]))
+        save_for_backward(ctx, inputs, output[1], needs)
+        ctx.needs, ctx.present = needs, present
+        ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
         return output
 
-    backward = staticmethod(_backward_over(IMPLEMENTATIONS))
+    @staticmethod
+    def backward(ctx, grad_y, _grad_h):
+        n = ctx.count
+        if grad_y is None:
+            return (None,) * (11 + 2 * n)
+        grad_x, grad_w, grad_bias, grads_a, grads_b = backward_formula(ctx, grad_y, ctx.needs, IMPLEMENTATIONS)
+        present = ctx.present
+        ids, order, starts = ctx.saved_tensors[4:7]
+        if present is None and ids is not None and not _capturing(grad_y):
+            present = Rows(ids, order, starts).present(n)  # eager: an adapter without rows gets None
+        grads = [*(grads_a or [None] * n), *(grads_b or [None] * n)]
+        grads = [
+            g if need and (present is None or present[i % n]) else None
+            for i, (g, need) in enumerate(zip(grads, ctx.needs_input_grad[11:], strict=True))
+        ]
+        return grad_x, grad_w, grad_bias, *(None,) * 8, *grads
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -1,8 +1,11 @@
-"""Test setup: where the Triton kernels run, seeds, and the backend fixture.
+"""Test setup: where the Triton kernels run, seeds, and shared fixtures.
 
 Without a GPU the Triton kernels run in the interpreter. Triton reads
 TRITON_INTERPRET when the kernels are decorated, so it is set here, before
-anything imports fused_lora.
+anything imports fused_lora. FUSED_LORA_INTERPRETER_CONFIG=small|large picks
+the default interpreter config; FUSED_LORA_BACKEND forces a backend for the
+tests that do not choose one; FUSED_LORA_FIXED_CONFIG=1 on a GPU runs the
+kernels with one fixed config instead of autotuning (a short GPU lease).
 """
 
 import os
@@ -17,6 +20,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences Triton 3.9's 
 import pytest
 
 import fused_lora
+from fused_lora.kernels import configs
 from fused_lora.kernels.common import INTERPRETED
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,14 +28,29 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def pytest_report_header(config):
     mode = "interpreted on CPU" if INTERPRETED else f"compiled on {DEVICE}"
-    return f"fused-lora: Triton kernels {mode}; torch backend on {DEVICE}"
+    fixed = " (fixed configs)" if configs.FIXED_ON_GPU else ""
+    return f"fused-lora: Triton kernels {mode}{fixed}; torch backend on {DEVICE}"
 
 
 @pytest.fixture(params=["triton", "torch"])
 def backend(request):
     """Run the test once per backend, forced with set_backend."""
+    if request.param == "triton" and not (DEVICE == "cuda" or INTERPRETED):
+        pytest.skip("the Triton backend needs a GPU or TRITON_INTERPRET=1")
     with fused_lora.set_backend(request.param):
         yield request.param
+
+
+@pytest.fixture(params=["large", "small"] if INTERPRETED else ["autotuned"])
+def config(request):
+    """Run the test with each interpreter config ("small": 16^3 tiles, so
+    every loop runs several iterations, every edge mask bites and the dA / dB
+    reductions split over M); on a GPU, the autotuned (or fixed) configs."""
+    if request.param == "autotuned":
+        yield request.param
+    else:
+        with configs.use_interpreter_config(request.param):
+            yield request.param
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +59,9 @@ def _seed(request):
     # runs (crc32, unlike str hashes, is not randomised per process), and
     # different inputs for every case.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Skips as markers: the reason shows in the report.
+requires_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+requires_cpu = pytest.mark.skipif(DEVICE == "cuda", reason="CPU only")
+interpreted_only = pytest.mark.skipif(not INTERPRETED, reason="the interpreter configs exist only without a GPU")

@@ -2,7 +2,6 @@
 
 import importlib.util
 import pathlib
-import re
 
 import pytest
 import torch
@@ -43,20 +42,3 @@ def test_digits_learns_8_and_9_with_lora_only(capsys):
     assert 0 < results["adapter_bytes"] < results["base_bytes"]
     assert results["merged_plain"] and results["merged_same"]
     assert results["merged_difference"] < 1e-4
-
-
-README = EXAMPLES.parent / "README.md"
-PEFT_SECTION = "## Use with PEFT and real models"
-
-
-@pytest.mark.skipif(PEFT_SECTION not in README.read_text(), reason=f"README.md has no {PEFT_SECTION!r} section yet")
-def test_readme_peft_section_runs():
-    pytest.importorskip("peft", reason="the README's PEFT section needs peft")
-    section = README.read_text().split(PEFT_SECTION, 1)[1].split("\n## ", 1)[0]
-    code = "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))
-    namespace = {}
-    with fused_lora.set_backend("auto" if torch.cuda.is_available() else "torch"):
-        exec(compile(code, "README.md", "exec"), namespace)
-    assert not any(isinstance(m, fused_lora.LoRALinear) for m in namespace["merged"].modules())
-    assert len(fused_lora.model.lora_layers(namespace["reloaded"])) == 4
-    assert namespace["trainable"] < namespace["total"]

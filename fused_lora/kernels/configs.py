@@ -1,5 +1,5 @@
 """Tile configurations: the autotune spaces for real GPUs, their pruning, and
-the fixed configs the Triton interpreter runs with.
+the fixed configs the interpreter runs.
 
 Shapes used throughout the kernels:
     M tokens, K in_features, N out_features, R the LoRA rank,
@@ -9,9 +9,10 @@ Shapes used throughout the kernels:
 import contextlib
 import os
 
+import torch
 import triton
 
-# Shared memory per block that the compiler may use (TESTING.md).
+# Shared memory per block that the compiler may use.
 SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
 
 
@@ -26,69 +27,57 @@ def m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(max(m, 1)), 8192)
 
 
-def _config(num_warps, num_stages, **meta):
-    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+def _configs(num_warps, num_stages, *tiles, group_m=8):
+    return [
+        triton.Config(
+            dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=group_m), num_warps=num_warps, num_stages=num_stages
+        )
+        for m, n, k in tiles
+    ]
 
 
-# Forward and dX kernels tile (BLOCK_M x BLOCK_N) with a reduction step
-# BLOCK_K. Large tiles for prefill/training, BLOCK_M = 16 tiles for decode.
+# The GEMM kernel (forward and dX) tiles (BLOCK_M x BLOCK_N) with a reduction
+# step BLOCK_K. Large tiles for prefill / training, BLOCK_M = 16 for decode.
 # 128 x 256 with 8 warps and 128 x 128 with 4 warps spill registers on sm_80
-# and sm_90 (python -m fused_lora.kernels.compile_check): left out.
+# and sm_90 (python -m bench.compile_report): left out.
 GEMM_CONFIGS = [
-    _config(8, 4, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _config(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _config(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _config(4, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+    *_configs(8, 4, (128, 128, 64)),
+    *_configs(4, 4, (64, 128, 64), (128, 64, 64)),
+    *_configs(4, 3, (64, 64, 128)),
     # fp32 operands: half the K depth, so three stages fit in shared memory
-    _config(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
-    _config(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, GROUP_M=8),
+    *_configs(8, 3, (128, 128, 32)),
+    *_configs(4, 3, (64, 128, 32)),
     # large ranks: the R_PAD-wide h accumulator needs 8 warps' registers
-    _config(8, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
-    _config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8),
-    _config(8, 3, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8),
+    *_configs(8, 3, (64, 128, 64), (64, 64, 64), (64, 64, 32)),
     # decode
-    _config(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1),
-    _config(4, 4, BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=1),
-    _config(4, 3, BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1),
+    *_configs(4, 4, (16, 64, 128), (16, 128, 128), group_m=1),
+    *_configs(4, 3, (16, 64, 64), group_m=1),
 ]
+# Many adapters, large ranks: the first adapter's H and the others', two
+# (BLOCK_M x R_PAD) fp32 tiles, fit in registers beside the output tile
+# (r = 256) only in 16-row tiles spread over 8 warps.
+MULTI_GEMM_CONFIGS = [*GEMM_CONFIGS, *_configs(8, 2, (16, 128, 32), (16, 64, 32))]
 
 # dA / dB kernel: (BLOCK_P x R_PAD) outputs reduced over M in BLOCK_M steps.
 # Every BLOCK_M divides SPLIT_M_QUANTUM so a split boundary is a tile boundary.
 SPLIT_M_QUANTUM = 256
-GRAD_AB_CONFIGS = [
-    _config(4, 3, BLOCK_P=64, BLOCK_M=128),
-    _config(8, 3, BLOCK_P=128, BLOCK_M=128),
-    _config(4, 4, BLOCK_P=64, BLOCK_M=64),
-    _config(8, 3, BLOCK_P=64, BLOCK_M=64),
-    _config(8, 2, BLOCK_P=64, BLOCK_M=64),  # fp32 at large ranks
+REDUCE_CONFIGS = [
+    triton.Config(dict(BLOCK_P=p, BLOCK_M=m), num_warps=w, num_stages=s)
+    for p, m, w, s in [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 2)]
 ]
 
 # fp32 accumulator registers per thread above which ptxas starts to spill
 # (seen in the compile report; the rest of the 255 hold operands, addresses
 # and the MMA fragments).
-ACCUMULATOR_REGISTERS = {"gemm": 80, "grad_ab": 64}
+ACCUMULATOR_REGISTERS = {"gemm": 80, "reduce": 64}
 
 
-def _element_size(dtype) -> int:
-    return 4 if "32" in str(dtype) else 2
-
-
-def _arg(name, named_args, kwargs):
-    return kwargs[name] if name in kwargs else named_args[name]
-
-
-def _sizes(named_args):
-    """Bytes per element of the wide operand (x or dY) and of the adapters."""
-    wide = named_args["x_ptr"] if "x_ptr" in named_args else named_args.get("dy_ptr", named_args.get("p_ptr"))
-    adapter = named_args["a_ptr"] if "a_ptr" in named_args else named_args["q_ptr"]
-    return _element_size(wide.dtype), _element_size(adapter.dtype)
-
-
-def estimate_gemm_shared(config, r_pad: int, wide_size: int = 2, adapter_size: int = 2) -> int:
-    """Bytes of shared memory a forward / dX config needs: each pipeline stage
-    holds one tile of the left operand, of the weight and of the adapter."""
+def estimate_gemm_shared(config, r_pad: int, wide_dtype=torch.bfloat16, adapter_dtype=torch.bfloat16) -> int:
+    """Bytes of shared memory a GEMM config needs: each pipeline stage holds
+    one tile of the left operand, of the weight and of the adapter."""
     m = config.kwargs
-    tile = (m["BLOCK_M"] + m["BLOCK_N"]) * m["BLOCK_K"] * wide_size + r_pad * m["BLOCK_K"] * adapter_size
+    wide, adapter = wide_dtype.itemsize, adapter_dtype.itemsize
+    tile = (m["BLOCK_M"] + m["BLOCK_N"]) * m["BLOCK_K"] * wide + r_pad * m["BLOCK_K"] * adapter
     return config.num_stages * tile
 
 
@@ -99,19 +88,16 @@ def estimate_gemm_registers(config, r_pad: int) -> int:
     return m["BLOCK_M"] * (m["BLOCK_N"] + r_pad) // (32 * config.num_warps)
 
 
-def prune_gemm_configs(configs, named_args, **kwargs):
-    """Keep the forward / dX configs that fit: shared memory for every stage
-    (a large rank adds an R_PAD x BLOCK_K adapter tile), registers for the
+def prune_gemm(configs, *, r_pad: int, m: int, wide_dtype, adapter_dtype) -> list:
+    """Keep the GEMM configs that fit: shared memory for every stage (a large
+    rank adds an R_PAD x BLOCK_K adapter tile), registers for the
     accumulators (ptxas spills past about ACCUMULATOR_REGISTERS), and tiles
     no taller than a decode batch needs."""
-    r_pad = _arg("R_PAD", named_args, kwargs)
-    m = _arg("M", named_args, kwargs)
-    sizes = _sizes(named_args)
     limit = min(SHARED_MEMORY_LIMIT.values())
 
     def fits(c):
         return (
-            estimate_gemm_shared(c, r_pad, *sizes) <= limit
+            estimate_gemm_shared(c, r_pad, wide_dtype, adapter_dtype) <= limit
             and estimate_gemm_registers(c, r_pad) <= ACCUMULATOR_REGISTERS["gemm"]
         )
 
@@ -121,41 +107,43 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     return kept or fitting or [min(configs, key=lambda c: estimate_gemm_registers(c, r_pad))]
 
 
-def prune_grad_ab_configs(configs, named_args, **kwargs):
+def prune_reduce(configs, *, r_pad: int, wide_dtype, skinny_dtype) -> list:
     """Keep the dA / dB configs whose (BLOCK_P x R_PAD) accumulator fits in
     registers and whose stages fit in shared memory."""
-    r_pad = _arg("R_PAD", named_args, kwargs)
-    wide_size, skinny_size = _sizes(named_args)
     limit = min(SHARED_MEMORY_LIMIT.values())
 
     def fits(c):
         k = c.kwargs
-        shared = c.num_stages * k["BLOCK_M"] * (k["BLOCK_P"] * wide_size + r_pad * skinny_size)
+        shared = c.num_stages * k["BLOCK_M"] * (k["BLOCK_P"] * wide_dtype.itemsize + r_pad * skinny_dtype.itemsize)
         registers = k["BLOCK_P"] * r_pad // (32 * c.num_warps)
-        return shared <= limit and registers <= ACCUMULATOR_REGISTERS["grad_ab"]
+        return shared <= limit and registers <= ACCUMULATOR_REGISTERS["reduce"]
 
     return [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.num_stages)]
 
 
-# The interpreter cannot autotune (it has no GPU driver): it runs one of these.
-# "large" is fast to interpret; "small" makes every loop run several
+# The interpreter cannot autotune (it has no GPU driver): it runs one of
+# these. "large" is fast to interpret; "small" makes every loop run several
 # iterations, every edge mask bite and the dA / dB reduction split over M.
 INTERPRETER_CONFIGS = {
     "large": {
         "gemm": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
-        "grad_ab": dict(BLOCK_P=64, BLOCK_M=64),
+        "reduce": dict(BLOCK_P=64, BLOCK_M=64),
         "split_m": 256,
     },
     "small": {
         "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
-        "grad_ab": dict(BLOCK_P=16, BLOCK_M=16),
+        "reduce": dict(BLOCK_P=16, BLOCK_M=16),
         "split_m": 32,
     },
 }
 _interpreter_config = os.environ.get("FUSED_LORA_INTERPRETER_CONFIG", "large")
+# On a GPU: the first config that survives pruning instead of autotuning.
+FIXED_ON_GPU = os.environ.get("FUSED_LORA_FIXED_CONFIG", "0") not in ("", "0")
 
 
 def interpreter_config() -> dict:
+    """The interpreter's config in use: "large" by default, or as
+    FUSED_LORA_INTERPRETER_CONFIG / use_interpreter_config say."""
     return INTERPRETER_CONFIGS[_interpreter_config]
 
 

@@ -1,4 +1,5 @@
-"""LoRA on a whole model: apply_lora, count_parameters, merge_and_unload, unload.
+"""LoRA on a whole model: apply_lora, count_parameters, merge_and_unload,
+unload, and adapter_names (per-sample adapters for every MultiLoRALinear).
 
 Module names are matched as PEFT matches `target_modules`:
 
@@ -11,13 +12,14 @@ and `rank_pattern` / `alpha_pattern` as PEFT does: the first key k (a regex) for
 which re.match(rf"(.*\\.)?({k})$", name) holds gives that module's r / lora_alpha.
 """
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .layer import LoRALinear
+from ..layers import LoRALinear, MultiLoRALinear
 
 ALL_LINEAR = "all-linear"
 
@@ -25,6 +27,15 @@ ALL_LINEAR = "all-linear"
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """The model's LoRALinear modules by full name, in module order."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+def multi_lora_layers(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    """The model's MultiLoRALinear modules by full name, in module order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)}
+
+
+def _any_lora_layers(model: nn.Module) -> dict[str, LoRALinear | MultiLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear | MultiLoRALinear)}
 
 
 def matches_target(name: str, target_modules: str | Iterable[str]) -> bool:
@@ -74,11 +85,13 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def select_modules(model: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
     """(name, module) for every module target_modules selects, never the root nor a LoRA layer's own A / B."""
-    inside_lora = tuple(name + "." for name in lora_layers(model))
+    inside_lora = tuple(name + "." for name in _any_lora_layers(model))
     candidates = [(n, m) for n, m in model.named_modules() if n and not n.startswith(inside_lora)]
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         output = _output_layer_name(model)
-        return [(n, m) for n, m in candidates if isinstance(m, nn.Linear | LoRALinear) and n != output]
+        return [
+            (n, m) for n, m in candidates if isinstance(m, nn.Linear | LoRALinear | MultiLoRALinear) and n != output
+        ]
     return [(n, m) for n, m in candidates if matches_target(n, target_modules)]
 
 
@@ -116,7 +129,7 @@ def apply_lora(
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:10]
         raise ValueError(f"target_modules={target_modules!r} matched no module; nn.Linear modules include {linears}")
     for name, module in selected:
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALinear | MultiLoRALinear):
             raise ValueError(f"module {name!r} already has a LoRA adapter (one adapter per layer)")
         if not isinstance(module, nn.Linear):
             raise ValueError(
@@ -149,7 +162,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def base_linear(layer: LoRALinear) -> nn.Linear:
+def base_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Linear:
     """A plain nn.Linear sharing `layer`'s weight and bias Parameters (no copy)."""
     has_bias = layer.bias is not None
     linear = nn.Linear(layer.in_features, layer.out_features, has_bias, device="meta")
@@ -163,10 +176,15 @@ def base_linear(layer: LoRALinear) -> nn.Linear:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer (W += scaling * B A, in place, fp32, rounded
     once) and put back plain nn.Linear modules holding the merged weights, as
-    PEFT's merge_and_unload does. The weights are shared with the LoRA layers
-    they came from, so those layers are consumed. Returns the model."""
-    for name, layer in lora_layers(model).items():
-        layer.merge()
+    PEFT's merge_and_unload does; a MultiLoRALinear merges its active adapter
+    (a layer without one keeps its base weight). The weights are shared with
+    the LoRA layers they came from, so those layers are consumed. Returns
+    the model."""
+    for name, layer in _any_lora_layers(model).items():
+        if isinstance(layer, LoRALinear):
+            layer.merge()
+        elif layer.active_adapter in layer.lora_A:
+            layer.merge(layer.active_adapter)
         set_submodule(model, name, base_linear(layer))
     return model
 
@@ -175,7 +193,32 @@ def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters without merging: plain nn.Linear modules with the
     current base weights (a merged layer is unmerged first; a PiSSA layer
     keeps its residual weight, as in PEFT). Returns the model."""
-    for name, layer in lora_layers(model).items():
+    for name, layer in _any_lora_layers(model).items():
         layer.unmerge()
         set_submodule(model, name, base_linear(layer))
     return model
+
+
+@contextlib.contextmanager
+def adapter_names(model: nn.Module, names: Sequence[str]):
+    """Per-sample adapters for a whole model, like PEFT's `adapter_names=`
+    argument, in training too (PEFT allows it in eval only): inside the
+    block, every MultiLoRALinear of the model called without adapter_ids /
+    adapter_names gives batch entry i the adapter names[i] ("__base__": the
+    base layer). A layer that lacks an adapter the model has computes the
+    base layer for its rows, as in PEFT; a name no layer has raises."""
+    layers = list(multi_lora_layers(model).values())
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"names must be a list of str, one per batch entry, got {type(names).__name__}")
+    known = {"__base__"}.union(*(layer.adapter_names for layer in layers))
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"adapter names {unknown} are not adapters of the model (adapters: {sorted(known)})")
+    previous = [(layer._batch_names, layer._batch_ids) for layer in layers]
+    for layer in layers:
+        layer._batch_names, layer._batch_ids = list(names), None
+    try:
+        yield model
+    finally:
+        for layer, (batch_names, batch_ids) in zip(layers, previous, strict=True):
+            layer._batch_names, layer._batch_ids = batch_names, batch_ids

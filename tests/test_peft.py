@@ -1,4 +1,5 @@
-"""PEFT interop: equal outputs and gradients to PEFT, adapters both ways, conversions sharing storage.
+"""PEFT interop: equal outputs and gradients to PEFT, adapters both ways, conversions sharing storage,
+and PEFT models holding several adapters (MultiLoRALinear layers, per-sample adapter names).
 
 A tiny Llama built from a config (hidden size 64, 2 layers): no download.
 "Equal" means within tests/helpers.py's table against PEFT run on the same
@@ -29,7 +30,7 @@ from fused_lora import (  # noqa: E402
     save_adapter,
     to_peft,
 )
-from fused_lora.model import lora_layers  # noqa: E402
+from fused_lora.integrations.model import lora_layers, multi_lora_layers  # noqa: E402
 
 VOCAB = 128
 
@@ -342,7 +343,8 @@ def test_what_is_not_supported_is_refused(tmp_path):
     base = tiny_llama()
     two = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"]))
     two.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"]))
-    with pytest.raises(NotImplementedError, match="several adapters"):
+    two.base_model.set_adapter(["default", "other"])
+    with pytest.raises(NotImplementedError, match=r"several active adapters at once \(\['default', 'other'\]\)"):
         from_peft(two)
     with pytest.raises(NotImplementedError, match="use_dora"):
         from_peft(get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)))
@@ -396,3 +398,108 @@ def test_gpt2_conv1d_is_refused():
     peft_model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     with pytest.raises(NotImplementedError, match="fan_in_fan_out"):
         from_peft(peft_model)
+
+
+# ---- several adapters -----------------------------------------------------------
+
+
+def peft_with_two_adapters(dtype=torch.float32):
+    """A PEFT model with adapters "one" (q_proj, v_proj) and "two" (v_proj, o_proj; dropout, rsLoRA),
+    random (trained-looking) weights, "two" active."""
+    base = tiny_llama(dtype)
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), adapter_name="one"
+    )
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj"], lora_dropout=0.1, use_rslora=True)
+    peft_model.add_adapter("two", config)
+    randomize_adapters(peft_model)
+    peft_model.set_adapter("two")
+    return base, peft_model.eval()
+
+
+def test_from_peft_keeps_several_adapters_and_computes_what_peft_computes(backend):
+    _, peft_model = peft_with_two_adapters()
+    ids, names = token_ids(), ["one", "__base__"]
+    expected = logits(peft_model, ids)
+    with torch.no_grad():
+        expected_mixed = peft_model(ids, adapter_names=names).logits
+    modules = {
+        name: {a: (m.lora_A[a], m.lora_B[a]) for a in m.lora_A}
+        for name, m in peft_model.base_model.model.named_modules()
+        if hasattr(m, "lora_A")
+    }
+    model = from_peft(peft_model)
+    layers = multi_lora_layers(model)
+    assert set(layers) == set(modules) and not lora_layers(model)
+    for name, layer in layers.items():
+        assert layer.adapter_names == list(modules[name]), "each layer keeps the adapters PEFT put on it, in order"
+        for adapter, (lora_a, lora_b) in modules[name].items():
+            assert layer.lora_A[adapter] is lora_a and layer.lora_B[adapter] is lora_b, "shared, not copied"
+        assert layer.active_adapter == ("two" if "two" in layer.lora_A else "__base__")
+        assert not layer.training, "PEFT's eval mode is kept (no dropout)"
+    v_proj = layers["model.layers.0.self_attn.v_proj"]
+    assert v_proj.lora_dropout == {"one": 0.0, "two": 0.1} and v_proj.scaling["two"] == pytest.approx(4 / 2**0.5)
+    assert_same_logits(logits(model, ids), expected, torch.float32)
+    with torch.no_grad(), fused_lora.adapter_names(model, names):  # PEFT's adapter_names=, model-wide
+        assert_same_logits(model(ids).logits, expected_mixed, torch.float32)
+
+
+def test_several_adapters_train_per_sample_like_peft_mixed_batches(backend):
+    """Per-sample adapters in training mode (PEFT allows them in eval only): each adapter's
+    gradients are those of PEFT's mixed batch on the same inputs (dropout off)."""
+    _, peft_model = peft_with_two_adapters()
+    for module in peft_model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for name, p in peft_model.named_parameters():  # set_adapter("two") froze "one": train both
+        p.requires_grad_(".lora_" in name)
+    ours = from_peft(copy.deepcopy(peft_model))
+    ids, names = token_ids(), ["two", "one"]
+    with torch.no_grad():
+        expected = peft_model(ids, adapter_names=names).logits
+    ours.train()
+    with fused_lora.adapter_names(ours, names):
+        out = ours(ids).logits
+    assert_same_logits(out, expected, torch.float32)
+    grad = torch.randn(out.shape, device=DEVICE)
+    (out * grad).sum().backward()
+    # PEFT refuses adapter_names in training: its gradient, by autograd through its eval-mode forward.
+    (peft_model(ids, adapter_names=names).logits * grad).sum().backward()
+    for name, layer in multi_lora_layers(ours).items():
+        module = peft_model.base_model.model.get_submodule(name)
+        for adapter in layer.adapter_names:
+            for ab in ("lora_A", "lora_B"):
+                got, want = getattr(layer, ab)[adapter].weight.grad, getattr(module, ab)[adapter].weight.grad
+                assert got is not None and want is not None, f"{name} {ab}[{adapter}]"
+                assert_matches_reference(got, want.double(), torch.float32, "gradients", name=f"{name} {ab}[{adapter}]")
+
+
+def test_to_peft_gives_several_adapters_back():
+    _, peft_model = peft_with_two_adapters()
+    ids = token_ids()
+    expected = logits(peft_model, ids)
+    model = from_peft(peft_model)
+    tensors = {n: p.data_ptr() for n, p in model.named_parameters()}
+    back = to_peft(model)
+    assert isinstance(back, PeftModel) and set(back.peft_config) == {"one", "two"}
+    assert back.active_adapter == "two"
+    assert back.peft_config["two"].lora_dropout == 0.1 and back.peft_config["two"].use_rslora
+    assert set(back.targeted_module_names) == {
+        f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj", "o_proj")
+    }
+    pointers = {p.data_ptr() for p in back.parameters()}
+    assert set(tensors.values()) <= pointers, "to_peft shares every tensor"
+    assert_same_logits(logits(back, ids), expected, torch.float32)
+
+
+def test_multi_adapter_layers_save_one_adapter_in_peft_format(tmp_path):
+    base, peft_model = peft_with_two_adapters()
+    model = from_peft(copy.deepcopy(peft_model))
+    save_adapter(model, tmp_path, adapter="two")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (2, 4, True)
+    assert config["target_modules"] == ["o_proj", "v_proj"]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    peft_model.set_adapter("two")
+    ids = token_ids()
+    assert_same_logits(logits(loaded, ids), logits(peft_model, ids), torch.float32)

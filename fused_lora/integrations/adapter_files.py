@@ -1,4 +1,4 @@
-"""PEFT interop: adapters in PEFT's on-disk format, and PEFT models converted both ways.
+"""Adapters in PEFT's on-disk format, both ways, without needing peft.
 
 On disk (what `PeftModel.save_pretrained` writes and `PeftModel.from_pretrained` reads):
 
@@ -8,10 +8,10 @@ On disk (what `PeftModel.save_pretrained` writes and `PeftModel.from_pretrained`
     <path>/adapter_model.safetensors    base_model.model.<module name>.lora_A.weight  (r, in)
                                         base_model.model.<module name>.lora_B.weight  (out, r)
 
-One adapter per model, on nn.Linear layers, without DoRA, lora_bias,
+One adapter per directory, on nn.Linear layers, without DoRA, lora_bias,
 fan_in_fan_out (GPT-2's Conv1D), modules_to_save or layers_to_transform:
-anything else is refused with an error that names it. peft itself is only
-needed by from_peft / to_peft; save_adapter / load_adapter need safetensors.
+anything else is refused with an error that names it. A model of
+MultiLoRALinear layers saves one named adapter at a time.
 """
 
 import json
@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .layer import LoRALinear, lora_scaling
-from .model import apply_lora, base_linear, lora_layers, pattern_value, select_modules, set_submodule
+from ..layers import lora_scaling
+from .model import apply_lora, lora_layers, multi_lora_layers, pattern_value, select_modules
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -51,7 +51,7 @@ UNSUPPORTED_FIELDS = (
 SUPPORTED_INITS = (True, False, "gaussian", "pissa")
 
 
-def _check_config(config: dict, where: str) -> None:
+def check_config(config: dict, where: str) -> None:
     """Refuse, naming the field, a LoRA config that fused-lora cannot reproduce exactly."""
     if str(config.get("peft_type")).upper().removeprefix("PEFTTYPE.") != "LORA":
         raise NotImplementedError(f"{where}: peft_type {config.get('peft_type')!r} is not supported, only LORA")
@@ -64,7 +64,20 @@ def _check_config(config: dict, where: str) -> None:
         raise NotImplementedError(f"{where}: target_modules is empty (target_parameters is not supported)")
 
 
-def _one_value(layers: dict[str, LoRALinear], attribute: str):
+def adapter_views(model: nn.Module, adapter: str | None = None) -> dict:
+    """The model's LoRA layers as a PEFT config sees them, by module name:
+    its LoRALinear layers (adapter None), or one named adapter of its
+    MultiLoRALinear layers (the layers that have it). Each has r,
+    lora_alpha, lora_dropout, use_rslora, scaling, init_lora_weights,
+    lora_A and lora_B."""
+    if adapter is None:
+        return lora_layers(model)
+    return {
+        name: layer.adapter_view(adapter) for name, layer in multi_lora_layers(model).items() if adapter in layer.lora_A
+    }
+
+
+def _one_value(layers: dict, attribute: str):
     values = {getattr(layer, attribute) for layer in layers.values()}
     if len(values) > 1:
         raise ValueError(f"the LoRA layers differ in {attribute} ({sorted(values)}); a PEFT config holds one value")
@@ -80,7 +93,7 @@ def _compact_targets(model: nn.Module, names: list[str]) -> list[str]:
     return sorted(names)
 
 
-def _pattern(layers: dict[str, LoRALinear], attribute: str, default) -> dict:
+def _pattern(layers: dict, attribute: str, default) -> dict:
     """PEFT's rank_pattern / alpha_pattern for the layers whose value is not `default`: keyed by
     last name ("o_proj") where all layers of that name agree, else by exact full name."""
     by_leaf: dict[str, set] = {}
@@ -94,15 +107,18 @@ def _pattern(layers: dict[str, LoRALinear], attribute: str, default) -> dict:
     return pattern
 
 
-def adapter_config(model: nn.Module) -> dict:
+def adapter_config(model: nn.Module, adapter: str | None = None) -> dict:
     """The PEFT LoraConfig (as a dict, the content of adapter_config.json)
-    that rebuilds the model's LoRA layers: r and lora_alpha are the most
-    common values, rank_pattern / alpha_pattern list the exceptions by exact
-    module name (or last name, when all layers of that name agree). Raises
-    ValueError where one config cannot describe the layers."""
-    layers = lora_layers(model)
+    that rebuilds the model's LoRA layers (adapter None: its LoRALinear
+    layers; a name: that adapter of its MultiLoRALinear layers): r and
+    lora_alpha are the most common values, rank_pattern / alpha_pattern list
+    the exceptions by exact module name (or last name, when all layers of
+    that name agree). Raises ValueError where one config cannot describe the
+    layers."""
+    layers = adapter_views(model, adapter)
     if not layers:
-        raise ValueError("the model has no LoRALinear layers: call apply_lora (or load_adapter) first")
+        what = "LoRALinear layers" if adapter is None else f"layers with adapter {adapter!r}"
+        raise ValueError(f"the model has no {what}: call apply_lora (or load_adapter) first")
     for name, layer in layers.items():
         if not math.isclose(layer.scaling, lora_scaling(layer.r, layer.lora_alpha, layer.use_rslora), rel_tol=1e-12):
             raise ValueError(
@@ -139,17 +155,18 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> None:
     """Write the model's LoRA adapter to the directory `path` (created if
     needed) in PEFT's format: `PeftModel.from_pretrained(base_model, path)`
     loads it. Only the adapters are written (r x in + out x r per layer).
+    A model of MultiLoRALinear layers names the adapter to write.
 
     A PiSSA adapter is saved with init_lora_weights="pissa", as PEFT saves
     one: load it onto the original base model (the SVD is redone on load),
     not onto the residual weights this model now holds."""
-    config = adapter_config(model)
+    config = adapter_config(model, adapter)
     tensors = {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in adapter_views(model, adapter).items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
     os.makedirs(path, exist_ok=True)
@@ -169,7 +186,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
             )
     with open(config_file, encoding="utf-8") as f:
         config = json.load(f)
-    _check_config(config, config_file)
+    check_config(config, config_file)
     # Loading redoes the init, as PEFT does: only those that fused-lora has (PiSSA's SVD rebuilds the residual).
     init = config.get("init_lora_weights", True)
     if init not in SUPPORTED_INITS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
@@ -236,113 +253,3 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, lora_dtype: torch
                 )
             param.copy_(tensor)
     return model
-
-
-def _import_peft():
-    try:
-        import peft
-    except ImportError as error:
-        raise ImportError("from_peft / to_peft need peft: pip install 'fused-lora[interop]'") from error
-    return peft
-
-
-def _from_peft_layer(module, name: str, adapter: str, init_lora_weights) -> LoRALinear:
-    """A LoRALinear sharing a PEFT lora.Linear's base layer and adapter modules."""
-    if module.merged:
-        raise ValueError(f"{name}: the PEFT layer is merged; call unmerge_adapter() first")
-    if module.disable_adapters:
-        raise ValueError(f"{name}: the PEFT layer's adapters are disabled; enable them first")
-    if module.fan_in_fan_out:
-        raise NotImplementedError(f"{name}: fan_in_fan_out (Conv1D weights) is not supported")
-    if getattr(module, "use_dora", {}).get(adapter) or getattr(module, "lora_variant", None):
-        raise NotImplementedError(f"{name}: LoRA variants (DoRA, ...) are not supported")
-    if getattr(module, "lora_bias", {}).get(adapter):
-        raise NotImplementedError(f"{name}: lora_bias is not supported")
-    base = module.get_base_layer()
-    if type(base) is not nn.Linear:
-        raise NotImplementedError(f"{name}: the base layer is a {type(base).__name__}; only nn.Linear is supported")
-    dropout = module.lora_dropout[adapter]
-    lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-    layer = LoRALinear.from_linear(
-        base,
-        r=module.r[adapter],
-        lora_alpha=module.lora_alpha[adapter],
-        lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-        use_rslora=module.use_rslora[adapter],
-        init_lora_weights=False,
-        lora_dtype=lora_a.weight.dtype,
-    )
-    layer.lora_A, layer.lora_B = lora_a, lora_b  # the very modules: their Parameters are shared
-    layer.scaling = module.scaling[adapter]
-    layer.init_lora_weights = init_lora_weights
-    return layer
-
-
-def from_peft(peft_model: nn.Module) -> nn.Module:
-    """Turn a PEFT LoRA model (a PeftModel or a LoraModel with one adapter)
-    into fused layers, in place, and return the underlying model.
-
-    Each PEFT lora.Linear becomes a LoRALinear holding the same base weight
-    and bias Parameters and the same lora_A / lora_B modules: nothing is
-    copied, and training either one trains both. The PEFT wrapper must not be
-    used afterwards (its layers are gone). Refuses several adapters, merged
-    or disabled layers, DoRA, lora_bias, fan_in_fan_out, non-Linear layers.
-    """
-    peft = _import_peft()
-    from peft.tuners.lora import Linear as PeftLoraLinear
-    from peft.tuners.lora import LoraModel
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    tuner = peft_model.base_model if isinstance(peft_model, peft.PeftModel) else peft_model
-    if not isinstance(tuner, LoraModel):
-        raise TypeError(f"peft_model must be a PEFT LoRA model (PeftModel or LoraModel), got {type(tuner).__name__}")
-    if len(tuner.peft_config) != 1:
-        raise NotImplementedError(f"several adapters ({sorted(tuner.peft_config)}): fused-lora holds one per layer")
-    ((adapter, config),) = tuner.peft_config.items()
-    _check_config(config.to_dict(), f"adapter {adapter!r}")
-    model = tuner.model
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        if type(module) is not PeftLoraLinear:
-            raise NotImplementedError(
-                f"{name}: PEFT layer {type(module).__qualname__} is not supported, only lora.Linear"
-            )
-        set_submodule(model, name, _from_peft_layer(module, name, adapter, config.init_lora_weights))
-    if "peft_config" in vars(model):  # left by PEFT's injection; a later get_peft_model would take it for an adapter
-        del model.peft_config
-    return model
-
-
-def to_peft(model: nn.Module, adapter_name: str = "default"):
-    """Turn the model's LoRALinear layers back into a PEFT model, in place,
-    and return the PeftModel (`peft.get_peft_model` with the matching
-    LoraConfig). The PEFT layers hold the same weight, bias and lora_A /
-    lora_B modules as the fused ones did: nothing is copied. Merged layers
-    are refused (unmerge them first)."""
-    peft = _import_peft()
-    config = adapter_config(model)
-    layers = lora_layers(model)
-    merged = [name for name, layer in layers.items() if layer.merged]
-    if merged:
-        raise ValueError(f"layers {merged[:5]} are merged; unmerge() them before to_peft")
-    lora_config = peft.LoraConfig(
-        r=config["r"],
-        lora_alpha=config["lora_alpha"],
-        target_modules=config["target_modules"],
-        lora_dropout=config["lora_dropout"],
-        use_rslora=config["use_rslora"],
-        rank_pattern=config["rank_pattern"],
-        alpha_pattern=config["alpha_pattern"],
-        init_lora_weights=True,  # never redo a PiSSA SVD on the residual weights; the adapters are swapped in below
-    )
-    for name, layer in layers.items():
-        set_submodule(model, name, base_linear(layer))
-    peft_model = peft.get_peft_model(model, lora_config, adapter_name=adapter_name)
-    for name, layer in layers.items():
-        peft_layer = model.get_submodule(name)
-        peft_layer.lora_A[adapter_name] = layer.lora_A
-        peft_layer.lora_B[adapter_name] = layer.lora_B
-        peft_layer.scaling[adapter_name] = layer.scaling
-    peft_model.peft_config[adapter_name].init_lora_weights = config["init_lora_weights"]
-    return peft_model

@@ -1,4 +1,4 @@
-"""Which backend runs the fused primitives.
+"""Which backend runs the primitives.
 
     CUDA tensors                     -> Triton kernels, compiled
     CPU tensors, TRITON_INTERPRET=1  -> the same kernels, interpreted
@@ -6,7 +6,10 @@
 
 `set_backend("torch" | "triton" | "auto")` forces a choice, as a call or as a
 context manager; the FUSED_LORA_BACKEND environment variable does the same
-for a whole process (a set_backend call wins over it).
+for a whole process (a set_backend call wins over it). The choice is read
+when a forward runs and travels with it: its backward runs on the same
+backend even outside the `with set_backend(...)` block (the dropout mask of
+each backend is its own).
 """
 
 import os
@@ -14,8 +17,8 @@ from types import ModuleType
 
 import torch
 
+from ..kernels.common import INTERPRETED
 from . import torch_backend, triton_backend
-from .kernels.common import INTERPRETED
 
 BACKENDS = ("auto", "triton", "torch")
 _forced: str | None = None
@@ -45,17 +48,17 @@ class set_backend:  # noqa: N801 - used like a function
         _forced = self._previous
 
 
-def backend_name() -> str:
+def requested() -> str:
     """The requested backend: set_backend's, else FUSED_LORA_BACKEND's, else "auto"."""
     if _forced is not None:
         return _forced
     return _check_name(os.environ.get("FUSED_LORA_BACKEND", "auto"), "FUSED_LORA_BACKEND")
 
 
-def select(x: torch.Tensor) -> ModuleType:
-    """The backend module for an op on x's device (raises if forced to an
-    impossible one)."""
-    name = backend_name()
+def select(x: torch.Tensor, name: str | None = None) -> ModuleType:
+    """The backend module that runs `name` (default: the requested one) on
+    x's device; raises if that is impossible."""
+    name = requested() if name is None else name
     triton_can_run = x.is_cuda or INTERPRETED
     if name == "torch" or (name == "auto" and not triton_can_run):
         return torch_backend

@@ -1,5 +1,6 @@
-"""Every kernel compiles for sm_80 and sm_90 (no GPU needed), fits in shared
-memory, keeps its accumulators in registers, and uses Hopper's wgmma on sm_90.
+"""Every kernel variant compiles for sm_80 and sm_90 (no GPU needed), fits in
+shared memory, keeps its accumulators in registers, and uses Hopper's wgmma on
+sm_90 (bench/compile_check.py).
 
 An interpreted kernel cannot be compiled and Triton reads TRITON_INTERPRET at
 import, so the compiles run in a process of their own with it unset."""
@@ -11,14 +12,14 @@ import sys
 
 import pytest
 
-from fused_lora.kernels import compile_check
+from bench import compile_check
 
 
 @pytest.fixture(scope="module")
 def results():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "fused_lora.kernels.compile_check", "--suite"],
+        [sys.executable, "-m", "bench.compile_check", "--suite"],
         env=env,
         capture_output=True,
         text=True,
@@ -36,7 +37,7 @@ def test_every_kernel_dtype_and_arch_compiles(results):
     compiled = {(r["kernel"], r["arch"], r["dtype"], r["adapter_dtype"]) for r in results}
     expected = {
         (kernel, arch, compile_check.DTYPE_NAMES[x], compile_check.DTYPE_NAMES[a])
-        for kernel in compile_check.KERNELS
+        for kernel in compile_check.VARIANTS
         for arch in (80, 90)
         for x, a in compile_check.DTYPE_PAIRS
     }

@@ -1,0 +1,135 @@
+"""The primitives in plain torch, for CPU tensors (and any device where the
+Triton kernels cannot run). Same interface as `triton_backend`.
+
+The base GEMM writes y once and each adapter's update is added into it in
+place (`addmm_`), so no M x N temporary exists when the adapters share x's
+dtype; with fp32 adapters on bf16 / fp16 x the update is formed in fp32 and
+added with one rounding, as PEFT does. Many adapters: a loop over the
+adapters that have rows, each on its rows gathered by index (found on the
+host: a device sync for ids on a GPU).
+
+Dropout uses torch's own generator seeded with `seed` (not the kernels'
+Philox stream), one uniform draw per element of x compared with each row's
+adapter's p: the backward regenerates the same mask.
+"""
+
+import torch
+
+
+def _uniform(m, k, seed, device):
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand((m, k), generator=generator, device=device)
+
+
+def dropout_mask(m, k, dropout_p, seed, device):
+    """The (M, K) bool mask this backend uses for (seed, p): True = kept."""
+    return _uniform(m, k, seed, device) >= dropout_p
+
+
+def _each_adapter(adapters, rows):
+    """(adapter index, its rows as an index tensor, or None for all rows) for
+    every adapter that has rows."""
+    if rows is None:
+        yield 0, None
+        return
+    rows = rows.grouped(adapters.count)
+    starts = rows.starts.tolist()
+    for a in range(adapters.count):
+        if starts[a + 1] > starts[a]:
+            yield a, rows.order[starts[a] : starts[a + 1]].long()
+
+
+def _take(t, idx):
+    """t's rows idx (all rows for idx None; None stays None)."""
+    return t if idx is None or t is None else t[idx]
+
+
+def _lora_input(x, dropout_p, uniform, dtype):
+    """d = dropout(x) in the adapters' dtype, the mask from `uniform`."""
+    d = x.to(dtype)
+    return d * _dropout_factors(uniform, dropout_p, dtype) if dropout_p > 0 else d
+
+
+def _dropout_factors(uniform, dropout_p, dtype):
+    return (uniform >= dropout_p).to(dtype).mul_(1.0 / (1.0 - dropout_p))
+
+
+def _add_rows_(out, idx, left, right, alpha=None):
+    """out[idx] += alpha * left @ right (all rows for idx None; alpha a 0-d
+    tensor or None for 1), rounded once to out's dtype."""
+    if right.dtype == out.dtype:
+        block = _take(out, idx).addmm_(left if alpha is None else left * alpha, right)
+        if idx is not None:
+            out[idx] = block
+    else:
+        product = torch.mm(left, right)
+        _add_into_(out, idx, product if alpha is None else product.mul_(alpha))
+
+
+def _add_into_(out, idx, value):
+    """out[idx] += value, rounded once to out's dtype."""
+    if idx is None:
+        out.add_(value)
+    else:
+        out[idx] = out[idx].add_(value)
+
+
+def _skinny(m, adapters, like):
+    return torch.zeros((m, adapters.width), dtype=adapters.lora_a[0].dtype if adapters.count else like.dtype,
+                       device=like.device)  # fmt: skip
+
+
+def forward(x, weight, bias, adapters, rows, seed=0):
+    """y = x W^T + bias + s_a H B_a^T and H = d A_a^T per row, d = dropout(x).
+    x: (M, K) -> (y: (M, N), H: (M, width))."""
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    h = _skinny(x.shape[0], adapters, x)
+    uniform = _uniform(*x.shape, seed, x.device) if adapters.has_dropout else None
+    for a, idx in _each_adapter(adapters, rows):
+        lora_a, lora_b = adapters.lora_a[a], adapters.lora_b[a]
+        d = _lora_input(_take(x, idx), adapters.dropout_p[a], _take(uniform, idx), lora_a.dtype)
+        h_a = torch.mm(d, lora_a.t())
+        h[slice(None) if idx is None else idx, : lora_a.shape[0]] = h_a
+        _add_rows_(y, idx, h_a, lora_b.t(), adapters.scalings[a])
+    return y, h
+
+
+def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True):
+    """G = s_a dY B_a per row (M, width), and dX = dY W + mask / (1 - p) * G A_a
+    (M, K) when compute_dx."""
+    g = _skinny(grad_y.shape[0], adapters, grad_y)
+    dx = torch.mm(grad_y, weight) if compute_dx else None
+    uniform = _uniform(grad_y.shape[0], weight.shape[1], seed, grad_y.device) if adapters.has_dropout else None
+    for a, idx in _each_adapter(adapters, rows):
+        lora_a, lora_b, p = adapters.lora_a[a], adapters.lora_b[a], adapters.dropout_p[a]
+        g_a = torch.mm(_take(grad_y, idx).to(lora_b.dtype), lora_b).mul_(adapters.scalings[a])
+        g[slice(None) if idx is None else idx, : lora_a.shape[0]] = g_a
+        if not compute_dx:
+            continue
+        if p > 0:
+            _add_into_(dx, idx, torch.mm(g_a, lora_a).mul_(_dropout_factors(_take(uniform, idx), p, g_a.dtype)))
+        else:
+            _add_rows_(dx, idx, g_a, lora_a)
+    return dx, g
+
+
+def grad_a(x, g, adapters, rows, seed=0):
+    """dA_a = G_a^T d_a: (r_a, K) per adapter, d = dropout(x), zeros for an
+    adapter without rows."""
+    grads = [torch.zeros_like(a) for a in adapters.lora_a]
+    uniform = _uniform(*x.shape, seed, x.device) if adapters.has_dropout else None
+    for a, idx in _each_adapter(adapters, rows):
+        r = adapters.lora_a[a].shape[0]
+        d = _lora_input(_take(x, idx), adapters.dropout_p[a], _take(uniform, idx), g.dtype)
+        grads[a] = torch.mm(_take(g, idx)[:, :r].t(), d)
+    return grads
+
+
+def grad_b(grad_y, h, adapters, rows):
+    """dB_a = s_a dY_a^T H_a: (N, r_a) per adapter, zeros for one without rows."""
+    grads = [torch.zeros_like(b) for b in adapters.lora_b]
+    for a, idx in _each_adapter(adapters, rows):
+        r = adapters.lora_b[a].shape[1]
+        dy = _take(grad_y, idx).to(h.dtype)
+        grads[a] = torch.mm(dy.t(), _take(h, idx)[:, :r]).mul_(adapters.scalings[a])
+    return grads

@@ -1,0 +1,123 @@
+"""The primitives on the Triton kernels (compiled on CUDA, interpreted on CPU
+with TRITON_INTERPRET=1). Same interface as `torch_backend`:
+
+    forward(x, weight, bias, adapters, rows, seed)          -> (y, H)
+    grad_x(dy, weight, adapters, rows, seed, compute_dx)    -> (dX or None, G)
+    grad_a(x, g, adapters, rows, seed)                      -> [dA_a]
+    grad_b(dy, h, adapters, rows)                           -> [dB_a]
+    dropout_mask(m, k, p, seed, device)                     -> (M, K) bool
+
+x: (M, K), weight: (N, K), adapters: batch.Adapters, rows: batch.Rows of a
+multi-adapter call or None. H, G: (M, width) in the adapters' dtype, zero
+past each row's rank and on rows without an adapter. An adapter without rows
+gets a zero gradient.
+"""
+
+import torch
+import triton
+
+from ..kernels.adapters import LaunchAdapters
+from ..kernels.common import INTERPRETED, dropout_mask_kernel
+from ..kernels.gemm import lora_gemm
+from ..kernels.reduce import lora_reduce
+
+# The kernels keep a (BLOCK_M x R_PAD) accumulator in registers; past 256 it
+# cannot fit in any tile the autotuner has.
+MAX_RANK = 256
+
+
+def fp32_precision() -> str:
+    """ "tf32" exactly when torch's own fp32 matmuls would use TF32, else "ieee".
+
+    torch.backends.cuda.matmul.fp32_precision is the new setting; on "none"
+    the legacy allow_tf32 decides (reading both raises in some torch versions
+    when the other was set, so the legacy flag is read only as a fallback)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # Only fp32 operands have a choice; the interpreter ignores it anyway.
+    return fp32_precision() if dtype == torch.float32 and not INTERPRETED else "ieee"
+
+
+def _launch_adapters(adapters, rows) -> LaunchAdapters | None:
+    if adapters.count == 0:
+        return None
+    if adapters.width > MAX_RANK:
+        raise ValueError(
+            f"an adapter has rank r = {adapters.width}: the Triton kernels take r <= {MAX_RANK}; "
+            "use fused_lora.set_backend('torch') for larger ranks"
+        )
+    return LaunchAdapters(*adapters, multi=rows is not None)
+
+
+def _rows(rows):
+    return {} if rows is None else dict(order=rows.order, ids=rows.ids)
+
+
+def forward(x, weight, bias, adapters, rows, seed=0, *, out=None, h_out=None):
+    launch = _launch_adapters(adapters, rows)
+    y, h = lora_gemm(
+        x, weight.t(), bias, launch, dx=False, compute_y=True, base_precision=_precision(x.dtype),
+        lora_precision=_precision(launch.dtype if launch else x.dtype), seed=seed, out=out, h_out=h_out, **_rows(rows),
+    )  # fmt: skip
+    return y, x.new_empty((x.shape[0], 0)) if h is None else h
+
+
+def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True, out=None, g_out=None):
+    launch = _launch_adapters(adapters, rows)
+    # dX = dY W is the forward's GEMM with W (N, K) as its "W^T".
+    dx, g = lora_gemm(
+        grad_y, weight, None, launch, dx=True, compute_y=compute_dx, base_precision=_precision(grad_y.dtype),
+        lora_precision=_precision(launch.dtype if launch else grad_y.dtype), seed=seed, out=out, h_out=g_out,
+        **_rows(rows),
+    )  # fmt: skip
+    return dx, grad_y.new_empty((grad_y.shape[0], 0)) if g is None else g
+
+
+def _reduce(wide, skinny, adapters, rows, *, scaled, dropout, transpose, seed=0, out=None):
+    """Per adapter, scale * dropout(wide)^T @ skinny as (P, r_a), or its
+    transpose (r_a, P) (dA), in the adapters' dtype."""
+    launch = _launch_adapters(adapters, rows)
+    p, r = wide.shape[1], skinny.shape[1]
+    kwargs = dict(scaled=scaled, dropout=dropout, precision=_precision(skinny.dtype), seed=seed)
+    if rows is None:  # one adapter: written in place, dA through a transposed view
+        shape = (r, p) if transpose else (p, r)
+        out = torch.empty(shape, device=wide.device, dtype=skinny.dtype) if out is None else out
+        lora_reduce(wide, skinny, launch, out=(out.t() if transpose else out).unsqueeze(0), **kwargs)
+        return [out]
+    rows = rows.grouped(adapters.count)
+    sums = torch.empty(
+        (adapters.count, p, r), device=wide.device, dtype=torch.promote_types(skinny.dtype, torch.float32)
+    )
+    lora_reduce(wide, skinny, launch, order=rows.order, ids=rows.ids, starts=rows.starts, out=sums, **kwargs)
+    grads = []
+    for a, lora_a in enumerate(adapters.lora_a):
+        grad = sums[a, :, : lora_a.shape[0]]
+        grads.append(
+            (grad.t() if transpose else grad).to(skinny.dtype, memory_format=torch.contiguous_format, copy=True)
+        )
+    return grads
+
+
+def grad_a(x, g, adapters, rows, seed=0, *, out=None):
+    """dA_a = G_a^T dropout(x_a): (r_a, K) for every adapter."""
+    return _reduce(x, g, adapters, rows, scaled=False, dropout=True, transpose=True, seed=seed, out=out)
+
+
+def grad_b(grad_y, h, adapters, rows, *, out=None):
+    """dB_a = s_a dY_a^T H_a: (N, r_a) for every adapter."""
+    return _reduce(grad_y, h, adapters, rows, scaled=True, dropout=False, transpose=False, out=out)
+
+
+def dropout_mask(m, k, dropout_p, seed, device):
+    """The (M, K) bool mask the kernels regenerate from (seed, index): True = kept."""
+    keep = torch.empty((m, k), device=device, dtype=torch.int8)
+    if m and k:
+        block = 32
+        grid = (triton.cdiv(m, block), triton.cdiv(k, block))
+        dropout_mask_kernel[grid](keep, m, k, seed, float(dropout_p), BLOCK_M=block, BLOCK_K=block)
+    return keep.bool()

@@ -1,0 +1,329 @@
+"""The LoRA GEMM: the forward and dX in one kernel, for one adapter or many.
+
+    forward:  y = x W^T + bias + s * H B^T,   H = dropout(x) A^T   (H returned, unscaled)
+    dX:       dX = dY W + D * (G A),          G = s * dY B         (G returned, scaled)
+
+Both are one shape, written in the forward's terms: out (M, N) = x (M, K)
+@ W^T (K, N) plus a rank-R update whose shrink `x @ down` (K x R) runs in
+the same K loop as the GEMM, from the same x tile, and whose expand
+`h @ up` (R x N) is added in the epilogue while the accumulator is fp32.
+The dX launch passes dY as x, W (N_out x K_in) as W^T through its strides,
+B as `down` and A as `up`; dropout masks the shrink's input in the forward
+and the expand's output (D = mask / (1 - p)) in dX, and the scaling goes
+with the expand in the forward and with G in dX.
+
+One adapter (MULTI=False): A and B are arguments. Many (MULTI=True): row i
+uses adapter ids[i] (-1: none), found through a table of the adapters'
+addresses, ranks, scalings and dropout p (`adapters.py`); rows are read and
+written through `order` (sorted by adapter before the launch), so the caller's
+row order never changes. The shrink of the tile's first adapter runs in the
+GEMM's K loop (most tiles of a prefill batch hold one adapter); every other
+adapter of the tile gets a K loop of its own over its rows first, so that no
+loop holds the output accumulator and a pipelined adapter tile at once.
+
+Strategy (a): each (BLOCK_M x BLOCK_N) tile recomputes the shrink, an extra
+R_PAD / BLOCK_N of MMA work; x is read once and no M x N temporary exists.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import (
+    INTERPRETED,
+    LORA_A,
+    LORA_B,
+    accumulator_dtype,
+    adapter_matrix,
+    dot_operand,
+    dropout_scale,
+    grouped_tile,
+    next_adapter,
+    row_values,
+    tile_rows,
+)
+from .launch import launch
+
+
+@triton.jit
+def down_matrix(table_ptr, a, NUM_ADAPTERS, K, like_ptr, DX: tl.constexpr, RANK_MULTIPLE: tl.constexpr):
+    """Adapter a's shrink matrix as (pointer, stride along K, stride along R,
+    rank): A^T in the forward, B in dX (both contiguous in the table)."""
+    if DX:
+        b, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, like_ptr, LORA_B, RANK_MULTIPLE)
+        return b, rank, 1, rank
+    else:
+        at, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, like_ptr, LORA_A, RANK_MULTIPLE)
+        return at, 1, K, rank
+
+
+@triton.jit
+def up_matrix(table_ptr, a, NUM_ADAPTERS, N, like_ptr, DX: tl.constexpr, RANK_MULTIPLE: tl.constexpr):
+    """Adapter a's expand matrix as (pointer, stride along R, stride along N,
+    rank): B^T in the forward, A in dX."""
+    if DX:
+        a_, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, like_ptr, LORA_A, RANK_MULTIPLE)
+        return a_, N, 1, rank
+    else:
+        bt, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, like_ptr, LORA_B, RANK_MULTIPLE)
+        return bt, 1, rank, rank
+
+
+@triton.jit
+def shrink_rows(
+    h, x_ptr, rows, row_ok, stride_xm, stride_xk, K,
+    down_ptr, stride_dk, stride_dr, rank, seed, row_p,
+    DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    R_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """h (BLOCK_M, R_PAD) + dropout(x[rows]) @ down[:, :rank], reduced over K
+    in the adapter's dtype; rows with row_ok False add zero. Not pipelined:
+    few tiles hold several adapters, and the pipeline's registers made sm_80
+    spill."""
+    ranks = tl.arange(0, R_PAD)
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk
+    d_ptrs = down_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=1):
+        k_ok = ks < K - k0
+        d = tl.load(d_ptrs, mask=k_ok[:, None] & (ranks < rank)[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(d.dtype)
+        if DROPOUT:
+            x = (x * dropout_scale(seed, rows, k0 + ks, row_p)).to(d.dtype)
+        h = tl.dot(dot_operand(x, UPCAST), dot_operand(d, UPCAST), h, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        d_ptrs += BLOCK_K * stride_dk
+    return h
+
+
+@triton.jit
+def expand_term(term, scale, seed, rows, cols, row_p, DX: tl.constexpr, DROPOUT: tl.constexpr):
+    """An adapter's expand `h @ up` as added to the output: times its scaling
+    in the forward (G carries it in dX), masked by dropout in dX (dL/dx
+    through d = mask * x / (1 - p))."""
+    if DX:
+        if DROPOUT:
+            term *= dropout_scale(seed, rows, cols, row_p)
+    else:
+        term *= scale
+    return term
+
+
+@triton.jit
+def lora_gemm_kernel(
+    x_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, down_ptr, up_ptr, scales_ptr,
+    order_ptr, ids_ptr, table_ptr, dropout_ptr,
+    M, N, K, R, NUM_ADAPTERS, M_BUCKET, seed, dropout_p,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_bias, stride_ym, stride_yn, stride_hm, stride_hr,
+    stride_dk, stride_dr, stride_ur, stride_un,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,  # False: the plain GEMM (the benchmark's triton-base row)
+    COMPUTE_Y: tl.constexpr,  # False: only H (dX: only G, x needs no gradient)
+    DX: tl.constexpr,  # the dX launch (see the module docstring)
+    MULTI: tl.constexpr,  # one adapter per row through the table
+    SORTED: tl.constexpr,  # MULTI: rows read through `order`
+    DROPOUT: tl.constexpr,
+    BASE_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
+    LORA_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong
+    ACC_DTYPE: tl.constexpr,  # fp32; fp64 for float64 inputs (interpreter)
+    R_PAD: tl.constexpr,
+    RANK_MULTIPLE: tl.constexpr,  # MULTI: every adapter's rank is a multiple of it
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    if COMPUTE_Y:
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+    else:
+        num_pid_n = 1
+    # Grouped tile order: GROUP_M row-blocks share each W column-block in L2.
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_pid_n, GROUP_M)
+
+    # int64 indices: M * K and M * N may pass 2^31.
+    slots = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, R_PAD)
+    ks = tl.arange(0, BLOCK_K)
+    slot_ok = slots < M
+    col_ok = cols < N
+    rows, ids = tile_rows(slots, slot_ok, order_ptr, ids_ptr, MULTI, SORTED)
+    if MULTI:
+        row_p = row_values(dropout_ptr, ids)[:, None]
+    else:
+        row_p = dropout_p
+    shrink_dropout: tl.constexpr = DROPOUT and not DX
+
+    rank = R
+    first = 0
+    h_rest = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    if HAS_LORA and MULTI:
+        # The shrink of every adapter of the tile but the first, each on its
+        # own rows (disjoint: one accumulator holds them all), before the
+        # main loop so that no K loop runs while acc is live.
+        first = next_adapter(ids, -1, NUM_ADAPTERS)
+        a = next_adapter(ids, first, NUM_ADAPTERS)
+        while a < NUM_ADAPTERS:
+            d_a, s_dk, s_dr, rank_a = down_matrix(table_ptr, a, NUM_ADAPTERS, K, h_ptr, DX, RANK_MULTIPLE)
+            h_rest = shrink_rows(
+                h_rest, x_ptr, rows, slot_ok & (ids == a), stride_xm, stride_xk, K, d_a, s_dk, s_dr, rank_a,
+                seed, row_p, shrink_dropout, LORA_PRECISION, UPCAST, R_PAD, BLOCK_K,
+            )  # fmt: skip
+            a = next_adapter(ids, a, NUM_ADAPTERS)
+        down_ptr, stride_dk, stride_dr, rank = down_matrix(table_ptr, first, NUM_ADAPTERS, K, h_ptr, DX, RANK_MULTIPLE)
+
+    # The main loop: the base GEMM and (strategy (a)) the shrink of the
+    # tile's (first) adapter from the same x tile.
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk  # (BM, BK)
+    w_ptrs = w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn  # (BK, BN)
+    d_ptrs = down_ptr + ks[:, None] * stride_dk + ranks[None, :] * stride_dr  # (BK, R_PAD)
+    rank_ok = ranks < rank
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=ACC_DTYPE)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = ks < K - k0
+        x = tl.load(x_ptrs, mask=slot_ok[:, None] & k_ok[None, :], other=0.0)
+        if COMPUTE_Y:
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(dot_operand(x, UPCAST), dot_operand(w, UPCAST), acc, input_precision=BASE_PRECISION)
+        if HAS_LORA:
+            d = tl.load(d_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
+            # The LoRA branch computes in the adapters' dtype (PEFT): an fp32
+            # adapter upcasts the x tile in registers, x itself stays as it is.
+            x_lora = x.to(d.dtype)
+            if shrink_dropout:
+                x_lora = (x_lora * dropout_scale(seed, rows, k0 + ks, row_p)).to(d.dtype)
+            h = tl.dot(dot_operand(x_lora, UPCAST), dot_operand(d, UPCAST), h, input_precision=LORA_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        d_ptrs += BLOCK_K * stride_dk
+
+    if HAS_LORA:
+        if MULTI:
+            # Every row went through the first adapter: keep its rows, the
+            # others from h_rest (zero on rows without an adapter).
+            h = tl.where((ids == first)[:, None], h, h_rest)
+        if DX:  # G carries each row's scaling
+            if MULTI:
+                h = h * row_values(scales_ptr, ids)[:, None]
+            else:
+                h = h * tl.load(scales_ptr)
+        # Rounded to the adapters' dtype once: the epilogue uses the values
+        # the backward reads.
+        h = h.to(h_ptr.dtype.element_ty)
+        if pid_n == 0:
+            h_ptrs = h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr
+            tl.store(h_ptrs, h, mask=slot_ok[:, None] & (ranks < R)[None, :])
+
+    if COMPUTE_Y:
+        if HAS_LORA:
+            # The expand, per adapter of the tile on its own rows.
+            if MULTI:
+                # Added to acc adapter by adapter: a second (BM x BN) sum of
+                # the terms would spill registers.
+                a = first
+                while a < NUM_ADAPTERS:
+                    u_a, s_ur, s_un, rank_a = up_matrix(table_ptr, a, NUM_ADAPTERS, N, h_ptr, DX, RANK_MULTIPLE)
+                    u_ptrs = u_a + ranks[:, None] * s_ur + cols[None, :] * s_un
+                    u = tl.load(u_ptrs, mask=(ranks < rank_a)[:, None] & col_ok[None, :], other=0.0)
+                    h_a = tl.where((ids == a)[:, None], h, 0.0)
+                    term = tl.dot(dot_operand(h_a, UPCAST), dot_operand(u, UPCAST), input_precision=LORA_PRECISION)
+                    acc += expand_term(term, tl.load(scales_ptr + a), seed, rows, cols, row_p, DX, DROPOUT)
+                    a = next_adapter(ids, a, NUM_ADAPTERS)
+            else:
+                u_ptrs = up_ptr + ranks[:, None] * stride_ur + cols[None, :] * stride_un  # (R_PAD, BN)
+                u = tl.load(u_ptrs, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+                term = tl.dot(dot_operand(h, UPCAST), dot_operand(u, UPCAST), input_precision=LORA_PRECISION)
+                acc += expand_term(term, tl.load(scales_ptr), seed, rows, cols, row_p, DX, DROPOUT)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=slot_ok[:, None] & col_ok[None, :])
+
+
+def _prune(configs_, named_args, **kwargs):
+    """configs.prune_gemm for this launch: the adapters' dtype is H's; many
+    adapters hold two (BLOCK_M x R_PAD) accumulators (the first adapter's
+    and the others'), so they are pruned as for twice the rank."""
+    r_pad = kwargs["R_PAD"] * (2 if kwargs["MULTI"] else 1)
+    return configs.prune_gemm(
+        configs_, r_pad=r_pad, m=named_args["M"], wide_dtype=named_args["x_ptr"].dtype,
+        adapter_dtype=named_args["h_ptr"].dtype,
+    )  # fmt: skip
+
+
+lora_gemm_tuned = triton.autotune(
+    configs=configs.MULTI_GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "HAS_LORA", "COMPUTE_Y", "DX", "MULTI", "SORTED", "DROPOUT",
+         "BASE_PRECISION", "LORA_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)(lora_gemm_kernel)  # fmt: skip
+
+
+def lora_gemm(
+    x, weight_t, bias, adapters, *, dx, compute_y, base_precision, lora_precision, seed=0, order=None, ids=None,
+    out=None, h_out=None,
+):  # fmt: skip
+    """Launch the LoRA GEMM on checked 2-D inputs.
+
+    x: (M, K) (dY for dX); weight_t: (K, N), W^T in the forward or W in dX
+    (a view: no copy); bias: (N,) or None; adapters: a LaunchAdapters
+    (`adapters.py`), None for the plain GEMM; order / ids: the rows of a
+    multi-adapter batch (`order` None: unsorted), None for one adapter. Returns (y: (M, N) in x's dtype, or None
+    when not compute_y; h: (M, R) in the adapters' dtype: H in the forward,
+    G in dX, or None without adapters). `out` / `h_out`: optional outputs.
+    """
+    m, k = x.shape
+    n = weight_t.shape[1]
+    y = None
+    if compute_y:
+        y = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
+    h = None
+    if adapters is not None:
+        h = torch.empty((m, adapters.width), device=x.device, dtype=adapters.dtype) if h_out is None else h_out
+    if m == 0 or (n == 0 and h is None):
+        return y, h
+    if k == 0:  # no K loop: y = bias, H = 0
+        if y is not None:
+            y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
+        if h is not None:
+            h.zero_()
+        return y, h
+    has_lora = adapters is not None
+    multi = ids is not None
+    stand_in = x  # any tensor: for pointers the kernel never reads under these flags
+    a = adapters.down(dx) if has_lora and not multi else stand_in
+    b = adapters.up(dx) if has_lora and not multi else stand_in
+    args = (
+        x, weight_t, bias if bias is not None else stand_in, y if y is not None else stand_in,
+        h if h is not None else stand_in, a, b, adapters.scales if has_lora else stand_in,
+        stand_in if order is None else order, stand_in if ids is None else ids,
+        *(adapters.table_args() if multi else (stand_in, stand_in)),
+        m, n, k, adapters.width if has_lora else 1, adapters.count if has_lora else 1, configs.m_bucket(m),
+        seed, adapters.dropout_p if has_lora and not multi else 0.0,
+        *x.stride(), *weight_t.stride(), bias.stride(0) if bias is not None else 0,
+        *(y.stride() if y is not None else (0, 0)), *(h.stride() if h is not None else (0, 0)),
+        *(a.stride() if has_lora and not multi else (0, 0)), *(b.stride() if has_lora and not multi else (0, 0)),
+    )  # fmt: skip
+    flags = dict(
+        HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora,
+        COMPUTE_Y=y is not None and n > 0,
+        DX=dx,
+        MULTI=multi,
+        SORTED=order is not None,
+        DROPOUT=has_lora and adapters.has_dropout,
+        BASE_PRECISION=base_precision,
+        LORA_PRECISION=lora_precision,
+        UPCAST=INTERPRETED,
+        ACC_DTYPE=accumulator_dtype(x.dtype),
+        R_PAD=configs.pad_rank(adapters.width if has_lora else 1),
+        RANK_MULTIPLE=adapters.rank_multiple if has_lora else 1,
+    )
+
+    def grid(meta):
+        col_blocks = triton.cdiv(n, meta["BLOCK_N"]) if flags["COMPUTE_Y"] else 1
+        return (triton.cdiv(m, meta["BLOCK_M"]) * col_blocks,)
+
+    launch(lora_gemm_kernel, lora_gemm_tuned, grid, args, flags, "gemm")
+    return y, h

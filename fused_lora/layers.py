@@ -1,0 +1,526 @@
+"""LoRALinear (one adapter) and MultiLoRALinear (many, one per row): drop-ins
+for nn.Linear over a frozen base weight, with PEFT's parameter names."""
+
+import math
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checks import cannot_read_on_host, check_dropout, check_scaling
+from .functional import lora_linear, multi_lora_linear
+
+# PEFT's name for "no adapter" in adapter_names.
+BASE_ONLY = "__base__"
+INITS = (True, False, "gaussian")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """PEFT's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    check_scaling("lora_alpha", lora_alpha)
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _check_rank(r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+
+
+def _is_pissa(init) -> bool:
+    return isinstance(init, str) and (
+        init == "pissa" or (init.startswith("pissa_niter_") and init.removeprefix("pissa_niter_").isdecimal())
+    )
+
+
+@torch.no_grad()
+def init_adapter(lora_a: nn.Linear, lora_b: nn.Linear, init_lora_weights) -> None:
+    """PEFT's inits: True = A kaiming-uniform and B zero (the layer starts
+    equal to the base layer), "gaussian" = A normal(0, 1/r) and B zero,
+    False = both left with nn.Linear's random init (a non-zero update)."""
+    if init_lora_weights is False:
+        return
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(lora_a.weight, std=1 / lora_a.weight.shape[0])
+    else:
+        nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+    nn.init.zeros_(lora_b.weight)
+
+
+class _FrozenBase(nn.Module):
+    """What both LoRA layers share: the base layer's `weight` (out, in) and
+    `bias` (out,), frozen and shared with the nn.Linear they came from, the
+    scalings as a non-persistent float buffer (data that a compiled graph
+    reads, so changing a scaling needs no recompile; fp32, fp64 for fp64
+    adapters, whatever .to(dtype) does to the module), and merge / unmerge
+    of an update into the weight."""
+
+    def _init_base(self, linear: nn.Linear) -> None:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._unmerged_weight: torch.Tensor | None = None
+        self._scaling_values: list[float] = []
+        self.register_buffer("_scalings", self._scalings_tensor(self.weight.dtype), persistent=False)
+
+    def _scalings_tensor(self, adapter_dtype, device=None) -> torch.Tensor:
+        dtype = torch.float64 if adapter_dtype == torch.float64 else torch.float32
+        return torch.tensor(self._scaling_values, dtype=dtype, device=device or self.weight.device)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+    def _reset_scalings(self) -> None:
+        self._scalings = self._scalings_tensor(self._adapter_dtype(), self._scalings.device)
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) would round the scalings: rebuild them from the
+        # exact values, in the adapters' (possibly new) precision.
+        super()._apply(fn, recurse)
+        self._reset_scalings()
+        return self
+
+    @property
+    def merged(self) -> bool:
+        return self._unmerged_weight is not None
+
+    @torch.no_grad()
+    def _merge_delta(self, delta: torch.Tensor) -> None:
+        """W <- W + delta in place on the (possibly shared) weight, computed
+        in float32 (float64 for a float64 weight) and rounded once. The
+        original W is kept (a copy) so that unmerge() restores it bit for bit."""
+        self._unmerged_weight = self.weight.detach().clone()
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        self.weight.copy_(self.weight.to(wide) + delta.to(wide))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the weight saved by merge(), exactly."""
+        if not self.merged:
+            return
+        self.weight.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+
+    def _delta(self, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        return scaling * (lora_b.weight.to(wide) @ lora_a.weight.to(wide))
+
+
+class LoRALinear(_FrozenBase):
+    """y = x W^T + b + scaling * (d A^T) B^T, with W and b frozen and
+    d = dropout(x) on the LoRA branch in training mode.
+
+    Parameters, named as in PEFT: `weight` (out, in) and `bias` (out,) frozen;
+    `lora_A.weight` (r, in) and `lora_B.weight` (out, r) trainable.
+    scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora); it reads
+    as a float and can be set (it is kept as data, see _FrozenBase).
+    lora_dropout: in training mode, dropout with this p on the LoRA branch's
+    input, fused into the kernels (the backward regenerates the mask from a
+    seed drawn per call); none in eval mode.
+
+    init_lora_weights: True (default) = A kaiming-uniform, B zero, so the
+    layer starts equal to the base layer; "gaussian" = A normal(0, 1/r), B
+    zero; "pissa" (PiSSA, as PEFT) = A and B from the top-r singular triplets
+    of W, so that scaling * B A is W's best rank-r part, and W replaced in
+    place by the residual W - scaling * B A (the output is unchanged, but the
+    base weight, possibly shared, changes); "pissa_niter_<n>" = the same from
+    torch.svd_lowrank with n subspace iterations (faster, randomised); False =
+    both left with nn.Linear's random init (a non-zero update, for tests).
+    lora_dtype: the adapters' dtype (default: the layer's);
+    float32 adapters on a bf16 / fp16 layer compute the LoRA branch in fp32.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        # The base layer exactly as nn.Linear builds it, then frozen.
+        self._init_base(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype))
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **lora_kwargs) -> "LoRALinear":
+        """Wrap an existing nn.Linear; lora_kwargs are the constructor's
+        keyword arguments (r, lora_alpha, lora_dropout, use_rslora,
+        init_lora_weights, lora_dtype). The new layer shares (does not copy)
+        the linear's weight and bias Parameters and freezes them; merge()
+        changes that shared weight in place, as PEFT does."""
+        layer = cls.__new__(cls)
+        _FrozenBase.__init__(layer)
+        layer._init_base(linear)
+        layer._init_lora(**lora_kwargs)
+        return layer
+
+    def _init_lora(
+        self, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True, lora_dtype=None
+    ):
+        _check_rank(r)
+        check_dropout("lora_dropout", lora_dropout)
+        if init_lora_weights not in (*INITS, "pissa") and not _is_pissa(init_lora_weights):
+            raise ValueError(
+                "init_lora_weights must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>', "
+                f"got {init_lora_weights!r}"
+            )
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = lora_dropout
+        self.use_rslora = use_rslora
+        kwargs = dict(bias=False, device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, r, **kwargs)
+        self.lora_B = nn.Linear(r, self.out_features, **kwargs)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.reset_lora_parameters(init_lora_weights)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return self.lora_A.weight.dtype
+
+    @property
+    def scaling(self) -> float:
+        return self._scaling_values[0]
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        check_scaling("scaling", value)
+        self._scaling_values = [float(value)]
+        if self._scalings.numel() == 1:
+            self._scalings.fill_(float(value))  # in place: a compiled graph reads the new value
+        else:
+            self._reset_scalings()
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
+        """Initialise A and B as PEFT does (see the class docstring). "pissa"
+        also rewrites the weight in place (the residual)."""
+        # Remembered for adapter configs: a PiSSA adapter only fits PiSSA's residual weight.
+        self.init_lora_weights = init_lora_weights
+        if not _is_pissa(init_lora_weights):
+            init_adapter(self.lora_A, self.lora_B, init_lora_weights)
+            return
+        if self.r > min(self.in_features, self.out_features):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} needs r <= min(in, out), got r={self.r}")
+        # The SVD runs in fp32 (fp64 stays fp64) whatever W's dtype; W is rounded once, at the end.
+        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        if init_lora_weights == "pissa":
+            u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+            u, sigma, vh = u[:, : self.r], sigma[: self.r], vh[: self.r]
+        else:
+            niter = int(init_lora_weights.removeprefix("pissa_niter_"))
+            u, sigma, v = torch.svd_lowrank(w, q=self.r, niter=niter)
+            vh = v.T
+        # Split sigma / scaling evenly between A (r, in) and B (out, r), so scaling * B A = U_r S_r V_r^T.
+        root = torch.diag(torch.sqrt(sigma / self.scaling))
+        lora_a, lora_b = root @ vh, u @ root
+        self.lora_A.weight.copy_(lora_a)
+        self.lora_B.weight.copy_(lora_b)
+        self.weight.copy_(w - (self.scaling * lora_b) @ lora_a)
+
+    def get_delta_weight(self) -> torch.Tensor:
+        """scaling * B A: (out, in), in float32 (float64 for a float64 layer)."""
+        return self._delta(self.lora_A, self.lora_B, self.scaling)
+
+    def merge(self) -> None:
+        """W <- W + scaling * B A, in place on the (possibly shared) weight,
+        computed in float32 (float64 for a float64 layer) and rounded once.
+        The original W is kept (a copy) so that unmerge() restores it bit for
+        bit. A merged layer's forward is one GEMM."""
+        if not self.merged:
+            self._merge_delta(self.get_delta_weight())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:  # the update is already in W
+            return F.linear(x, self.weight, self.bias)
+        dropout_p = self.lora_dropout if self.training else 0.0  # eval mode has no dropout
+        return lora_linear(
+            x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self._scalings, dropout_p=dropout_p
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        )
+
+
+class MultiLoRALinear(_FrozenBase):
+    """y_i = x_i W^T + b + scaling[a] * (d_i A_a^T) B_a^T, where row i of the
+    batch picks adapter a (or none); W and b frozen, every adapter trainable.
+
+    Parameters, named as in PEFT: `weight` (out, in) and `bias` (out,);
+    `lora_A.<name>.weight` (r, in) and `lora_B.<name>.weight` (out, r) for
+    each adapter, whose rank r, lora_alpha, lora_dropout and scaling (the
+    dicts `r`, `lora_alpha`, `lora_dropout`, `scaling`, keyed by name) are
+    its own. `adapter_names` lists the adapters in the order adapter_ids
+    index them.
+
+    Forward: `layer(x, adapter_ids)` with integers in [-1, len(adapter_names))
+    of x's leading shape or of its batch dimension (-1 = base layer only), or
+    PEFT's `layer(x, adapter_names=[...])` with one name per batch entry
+    (`"__base__"` = base layer only), or `layer(x)`: every row on
+    `active_adapter` (None by default: then this is a ValueError), or on the
+    names that `fused_lora.adapter_names(model, names)` set for a whole
+    model. All rows run in one fused kernel launch.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self._init_base(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype))
+        self._init_adapters()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "MultiLoRALinear":
+        """Wrap an existing nn.Linear, sharing (not copying) its weight and
+        bias Parameters, and freeze them. Add adapters with add_adapter()."""
+        layer = cls.__new__(cls)
+        _FrozenBase.__init__(layer)
+        layer._init_base(linear)
+        layer._init_adapters()
+        return layer
+
+    def _init_adapters(self) -> None:
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self._active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self._batch_names: Sequence[str] | None = None  # set by fused_lora.adapter_names
+        self._batch_ids: torch.Tensor | None = None
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return next(iter(self.lora_A.values())).weight.dtype if self.lora_A else self.weight.dtype
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters' names; adapter_ids index this list."""
+        return list(self.lora_A.keys())
+
+    @property
+    def scaling(self) -> dict[str, float]:
+        return dict(zip(self.adapter_names, self._scaling_values, strict=True))
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter of every row when a call names none: None (then such a
+        call raises), an adapter's name, or "__base__" (the base layer)."""
+        return self._active_adapter
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        if name is not None and name != BASE_ONLY and name not in self.lora_A:
+            raise ValueError(f"no adapter {name!r}; adapters: {self.adapter_names} (or None, {BASE_ONLY!r})")
+        self._active_adapter = name
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        *,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Add adapter `name` with A: (r, in), B: (out, r), scaling
+        lora_alpha / r (lora_alpha / sqrt(r) with use_rslora) and dropout
+        lora_dropout on its rows' LoRA input in training mode. It gets the
+        next index in adapter_names. init_lora_weights: True, "gaussian" or
+        False, as in LoRALinear. lora_dtype: the adapter's dtype (default:
+        the layer's; all adapters of a layer share one)."""
+        if not isinstance(name, str) or not name or "." in name or name == BASE_ONLY:
+            raise ValueError(f"adapter name must be a non-empty str without '.', not {BASE_ONLY!r}; got {name!r}")
+        _check_rank(r)
+        check_dropout("lora_dropout", lora_dropout)
+        lora_scaling(r, lora_alpha, use_rslora)  # a NaN or infinite lora_alpha raises here
+        if init_lora_weights not in INITS:
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        kwargs = dict(bias=False, device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
+        lora_a, lora_b = nn.Linear(self.in_features, r, **kwargs), nn.Linear(r, self.out_features, **kwargs)
+        init_adapter(lora_a, lora_b, init_lora_weights)
+        self.attach_adapter(name, lora_a, lora_b, lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+
+    def attach_adapter(
+        self,
+        name: str,
+        lora_a: nn.Linear,
+        lora_b: nn.Linear,
+        lora_alpha: float,
+        *,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        scaling: float | None = None,
+    ) -> None:
+        """Add adapter `name` holding these very lora_A (r, in) / lora_B
+        (out, r) modules (shared, not copied: from_peft uses it), with
+        `scaling` (default lora_alpha / r, or / sqrt(r) with use_rslora)."""
+        r, dtype = lora_a.weight.shape[0], lora_a.weight.dtype
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} exists already; remove_adapter({name!r}) first")
+        if self.lora_A and dtype != self._adapter_dtype():
+            raise ValueError(
+                f"all adapters of a layer share one dtype: {self._adapter_dtype()}, got lora_dtype={dtype}"
+            )
+        if self.merged:
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged: unmerge() before adding adapters")
+        if tuple(lora_a.weight.shape) != (r, self.in_features) or tuple(lora_b.weight.shape) != (self.out_features, r):
+            raise ValueError(
+                f"adapter {name!r}: lora_A must be ({r}, {self.in_features}), lora_B ({self.out_features}, {r})"
+            )
+        scaling = lora_scaling(r, lora_alpha, use_rslora) if scaling is None else scaling
+        check_scaling(f"scaling of adapter {name!r}", scaling)
+        self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        self.r[name], self.lora_alpha[name], self.lora_dropout[name] = r, lora_alpha, lora_dropout
+        self.use_rslora[name] = use_rslora
+        self._scaling_values.append(float(scaling))
+        self._reset_scalings()
+
+    def adapter_view(self, name: str) -> SimpleNamespace:
+        """Adapter `name` with LoRALinear's attribute names (r, lora_alpha,
+        lora_dropout, use_rslora, scaling, init_lora_weights, lora_A, lora_B):
+        what a PEFT config or an adapter file reads."""
+        return SimpleNamespace(
+            r=self.r[name],
+            lora_alpha=self.lora_alpha[name],
+            lora_dropout=self.lora_dropout[name],
+            use_rslora=self.use_rslora[name],
+            scaling=self.scaling[name],
+            init_lora_weights=True,
+            lora_A=self.lora_A[name],
+            lora_B=self.lora_B[name],
+        )
+
+    def remove_adapter(self, name: str) -> None:
+        """Delete adapter `name`; the adapters after it move down one index."""
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter {name!r}; adapters: {self.adapter_names}")
+        if name == self.merged_adapter:
+            raise ValueError(f"adapter {name!r} is merged: unmerge() before removing it")
+        del self._scaling_values[self.adapter_names.index(name)]
+        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.lora_dropout, self.use_rslora):
+            del table[name]
+        if self._active_adapter == name:
+            self._active_adapter = None
+        self._reset_scalings()
+
+    def ids_from_names(self, adapter_names: Sequence[str], *, missing_as_base: bool = False) -> torch.Tensor:
+        """PEFT's per-sample adapter names as indices into adapter_names
+        ("__base__" -> -1): an int32 tensor on the CPU. A name this layer
+        lacks raises, or with missing_as_base means the base layer (PEFT's
+        rule for a model whose adapters target different layers)."""
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list of str, got {type(adapter_names).__name__}")
+        index = {name: i for i, name in enumerate(self.adapter_names)} | {BASE_ONLY: -1}
+        for i, name in enumerate(adapter_names):
+            if name not in index and not missing_as_base:
+                raise ValueError(
+                    f"adapter_names[{i}] = {name!r} is not an adapter of this layer "
+                    f"(adapters: {self.adapter_names}; {BASE_ONLY!r} = base layer only)"
+                )
+        return torch.tensor([index.get(name, -1) for name in adapter_names], dtype=torch.int32)
+
+    def get_delta_weight(self, name: str) -> torch.Tensor:
+        """scaling[name] * B A of one adapter: (out, in), in float32 (float64 for a float64 layer)."""
+        return self._delta(self.lora_A[name], self.lora_B[name], self.scaling[name])
+
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into the (possibly shared) weight, as
+        LoRALinear.merge does; unmerge() restores W bit for bit. While merged,
+        a batch naming any other adapter, or the base layer (-1), raises
+        (PEFT raises likewise): the base weight is no longer there."""
+        if name not in self.lora_A:
+            raise KeyError(f"no adapter {name!r}; adapters: {self.adapter_names}")
+        if self.merged:
+            if name == self.merged_adapter:
+                return
+            raise ValueError(f"adapter {self.merged_adapter!r} is merged: unmerge() before merging {name!r}")
+        self._merge_delta(self.get_delta_weight(name))
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        self.merged_adapter = None
+
+    def _row_ids(self, x, adapter_ids, adapter_names) -> torch.Tensor:
+        if adapter_ids is not None and adapter_names is not None:
+            raise ValueError("pass at most one of adapter_ids and adapter_names")
+        if adapter_names is not None:
+            return self.ids_from_names(adapter_names)
+        if adapter_ids is not None:
+            return adapter_ids
+        if self._batch_names is not None:  # fused_lora.adapter_names(model, names)
+            if self._batch_ids is None:
+                self._batch_ids = self.ids_from_names(self._batch_names, missing_as_base=True)
+            return self._batch_ids
+        if self._active_adapter is None:
+            raise ValueError(
+                "pass adapter_ids or adapter_names (or set active_adapter, or use fused_lora.adapter_names)"
+            )
+        index = -1 if self._active_adapter == BASE_ONLY else self.adapter_names.index(self._active_adapter)
+        # On the CPU (free to check), or on x's GPU while a CUDA graph is captured.
+        device = x.device if cannot_read_on_host(x) else "cpu"
+        return torch.full(x.shape[:1] if x.dim() > 1 else (), index, dtype=torch.int32, device=device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        adapter_ids: torch.Tensor | None = None,
+        *,
+        adapter_names: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """x: (..., in) -> (..., out). Give at most one of adapter_ids (see
+        multi_lora_linear) and adapter_names (one per batch entry, x.shape[0]);
+        with neither, the rows use active_adapter (or adapter_names(model, ...))."""
+        ids = self._row_ids(x, adapter_ids, adapter_names)
+        names = self.adapter_names
+        if self.merged:
+            self._check_merged_batch(ids)
+            return F.linear(x, self.weight, self.bias)
+        dropout = [self.lora_dropout[name] if self.training else 0.0 for name in names]
+        return multi_lora_linear(
+            x,
+            self.weight,
+            self.bias,
+            [self.lora_A[name].weight for name in names],
+            [self.lora_B[name].weight for name in names],
+            self._scalings,
+            ids,
+            dropout_p=dropout,
+        )
+
+    def _check_merged_batch(self, ids: torch.Tensor) -> None:
+        merged = self.adapter_names.index(self.merged_adapter)
+        if cannot_read_on_host(ids):
+            torch._assert_async((ids == merged).all(), "a batch names an adapter other than the merged one")
+        elif not bool((ids == merged).all()):
+            raise ValueError(
+                f"adapter {self.merged_adapter!r} is merged into the weight: every row must use it "
+                "(another adapter, or the base layer, needs unmerge() first)"
+            )
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{name}: r={self.r[name]}, scaling={s:g}" for name, s in self.scaling.items())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"adapters={{{adapters}}}, merged={self.merged_adapter}"
+        )
