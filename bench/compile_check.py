@@ -207,7 +207,7 @@ def kernel_configs(variant, r_pad=16, dtype=torch.bfloat16, adapter_dtype=None):
 
 def suite_cases():
     """What the test suite compiles: every variant x dtype pair x {sm_80,
-    sm_90} with the first config (the one FUSED_LORA_FIXED_CONFIG=1 runs) at
+    sm_90} with the first config (the one a GPU runs unless FUSED_LORA_TUNE=1) at
     r = 16 and 256, and with dropout for bf16; every config for bf16 on sm_90
     at r = 16 and r = 256."""
     for variant in VARIANTS:

@@ -170,16 +170,27 @@ class LoRALinear(_FrozenBase):
         layer._init_lora(**lora_kwargs)
         return layer
 
-    def _init_lora(
-        self, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True, lora_dtype=None
-    ):
+    @staticmethod
+    def check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights):
+        """Raise, naming the argument, for LoRA arguments the layer cannot take
+        (apply_lora checks every module this way before changing any)."""
         _check_rank(r)
+        lora_scaling(r, lora_alpha, use_rslora)  # a NaN or infinite lora_alpha raises here
         check_dropout("lora_dropout", lora_dropout)
-        if init_lora_weights not in (*INITS, "pissa") and not _is_pissa(init_lora_weights):
+        if init_lora_weights not in INITS and not _is_pissa(init_lora_weights):
             raise ValueError(
                 "init_lora_weights must be True, False, 'gaussian', 'pissa' or 'pissa_niter_<n>', "
                 f"got {init_lora_weights!r}"
             )
+        if _is_pissa(init_lora_weights) and r > min(in_features, out_features):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} needs r <= min(in, out), got r={r}")
+
+    def _init_lora(
+        self, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True, lora_dtype=None
+    ):
+        self.check_arguments(
+            self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
+        )
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
@@ -215,8 +226,9 @@ class LoRALinear(_FrozenBase):
         if not _is_pissa(init_lora_weights):
             init_adapter(self.lora_A, self.lora_B, init_lora_weights)
             return
-        if self.r > min(self.in_features, self.out_features):
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} needs r <= min(in, out), got r={self.r}")
+        self.check_arguments(
+            self.in_features, self.out_features, self.r, self.lora_alpha, 0.0, False, init_lora_weights
+        )
         # The SVD runs in fp32 (fp64 stays fp64) whatever W's dtype; W is rounded once, at the end.
         w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         if init_lora_weights == "pissa":

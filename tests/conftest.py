@@ -4,8 +4,8 @@ Without a GPU the Triton kernels run in the interpreter. Triton reads
 TRITON_INTERPRET when the kernels are decorated, so it is set here, before
 anything imports fused_lora. FUSED_LORA_INTERPRETER_CONFIG=small|large picks
 the default interpreter config; FUSED_LORA_BACKEND forces a backend for the
-tests that do not choose one; FUSED_LORA_FIXED_CONFIG=1 on a GPU runs the
-kernels with one fixed config instead of autotuning (a short GPU lease).
+tests that do not choose one. On a GPU the kernels run the first config that
+fits, as by default (FUSED_LORA_TUNE=1 would autotune instead).
 """
 
 import os
@@ -28,7 +28,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def pytest_report_header(config):
     mode = "interpreted on CPU" if INTERPRETED else f"compiled on {DEVICE}"
-    fixed = " (fixed configs)" if configs.FIXED_ON_GPU else ""
+    fixed = " (autotuned)" if configs.TUNE else ""
     return f"fused-lora: Triton kernels {mode}{fixed}; torch backend on {DEVICE}"
 
 

@@ -1,11 +1,14 @@
-"""LoRALinear models trained by two processes (gloo, CPU, torch backend)
-under DistributedDataParallel and under FSDP2 (`fully_shard`: frozen base
-weights sharded, only the LoRA parameters trained) reach the same losses,
-gradients and parameters as one process on the concatenated batch.
+"""LoRA models trained by two processes (gloo, CPU, torch backend) reach the
+same losses, gradients and parameters as one process on the concatenated
+batch: LoRALinear layers under DistributedDataParallel and under FSDP2
+(`fully_shard`: frozen base weights sharded, only the LoRA parameters
+trained), and MultiLoRALinear layers under DDP with per-sequence adapters,
+one of which has no rows on one of the processes.
 
-Each worker writes what it saw to a file; the test compares it with a single
+Each worker writes what it saw to a file; the tests compare it with a single
 process run here. The processes meet through a FileStore in a temporary
-folder (no port to find), and everything has a timeout."""
+folder (no port to find), and everything has a timeout. One DDP run trains
+both models (starting processes costs more than training them)."""
 
 import datetime
 import pathlib
@@ -22,17 +25,36 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import fused_lora
-from fused_lora import LoRALinear
+from fused_lora import LoRALinear, MultiLoRALinear
 
 WORLD_SIZE = 2
 STEPS = 3
 PER_RANK = 4  # sequences per process per step; the single process takes all 8
 TIMEOUT_S = 90
+# One adapter per sequence (-1: the base layer); rank 0 takes the first four,
+# so adapter 2 ("c") has no rows there: DDP must still average its gradient.
+ADAPTER_IDS = torch.tensor([0, 1, -1, 0, 2, 1, 0, 2])
 
 
-def build_model() -> nn.Module:
+class MultiNet(nn.Module):
+    """Two MultiLoRALinear layers with adapters a, b, c (A and B random)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = MultiLoRALinear(16, 32), MultiLoRALinear(32, 10)
+        for name, r in zip("abc", (4, 2, 3), strict=True):
+            self.first.add_adapter(name, r, 2 * r, init_lora_weights=False)
+            self.second.add_adapter(name, r + 1, r, init_lora_weights=False)
+
+    def forward(self, x, adapter_ids):
+        return self.second(F.gelu(self.first(x, adapter_ids)), adapter_ids)
+
+
+def build_model(kind: str = "lora") -> nn.Module:
     """Two LoRA layers; A and B random so that both get gradients at step 1."""
     torch.manual_seed(0)
+    if kind == "multi":
+        return MultiNet()
     kwargs = dict(r=4, lora_alpha=8, init_lora_weights=False)
     return nn.Sequential(LoRALinear(16, 32, **kwargs), nn.GELU(), LoRALinear(32, 10, **kwargs))
 
@@ -57,7 +79,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def train(model, rank=0, world_size=1):
+def train(model, kind="lora", rank=0, world_size=1):
     """STEPS of SGD on the LoRA parameters with this process's slice of each
     batch. Returns the global losses and, per step, the full LoRA gradients,
     and the final full LoRA parameters."""
@@ -65,7 +87,8 @@ def train(model, rank=0, world_size=1):
     losses, grads = [], []
     for x, target in batches():
         rows = slice(rank * len(x) // world_size, (rank + 1) * len(x) // world_size)
-        loss = F.mse_loss(model(x[rows]), target[rows])
+        args = (ADAPTER_IDS[rows],) if kind == "multi" else ()
+        loss = F.mse_loss(model(x[rows], *args), target[rows])
         loss.backward()
         if world_size > 1:  # the mean of equal halves' means is the full batch's mean
             loss = loss.detach().clone()
@@ -89,11 +112,13 @@ def _worker(rank: int, mode: str, folder: str) -> None:
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     try:
-        model = build_model()
-        facts = {}
+        results = {}
         if mode == "ddp":
-            model = nn.parallel.DistributedDataParallel(model)
+            for kind in ("lora", "multi"):
+                model = nn.parallel.DistributedDataParallel(build_model(kind))
+                results[kind] = train(model, kind, rank, WORLD_SIZE)
         else:
+            model = build_model()
             mesh = init_device_mesh("cpu", (WORLD_SIZE,))
             for layer in model:
                 if isinstance(layer, LoRALinear):
@@ -104,15 +129,15 @@ def _worker(rank: int, mode: str, folder: str) -> None:
                 weight_sharded=isinstance(weight, DTensor) and weight.to_local().shape[0] == 32 // WORLD_SIZE,
                 weight_frozen=not weight.requires_grad,
             )
-        result = train(model, rank, WORLD_SIZE)
+            results["lora"] = dict(train(model, "lora", rank, WORLD_SIZE), **facts)
         if rank == 0:
-            torch.save(dict(result, **facts), pathlib.Path(folder) / "result.pt")
+            torch.save(results, pathlib.Path(folder) / "result.pt")
     finally:
         dist.destroy_process_group()
 
 
 def run_distributed(mode: str, folder: pathlib.Path) -> dict:
-    """Spawn WORLD_SIZE workers and return rank 0's result; kill them on timeout."""
+    """Spawn WORLD_SIZE workers and return rank 0's results; kill them on timeout."""
     context = mp.start_processes(_worker, args=(mode, str(folder)), nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + 2 * TIMEOUT_S
     try:
@@ -129,25 +154,40 @@ def run_distributed(mode: str, folder: pathlib.Path) -> dict:
 @pytest.fixture(scope="module")
 def single_process():
     with fused_lora.set_backend("torch"):
-        return train(build_model())
+        return {kind: train(build_model(kind), kind) for kind in ("lora", "multi")}
 
 
-def assert_same_training(got, want):
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return run_distributed("ddp", tmp_path_factory.mktemp("ddp"))
+
+
+def assert_same_training(got, want, names):
     assert got["losses"] == pytest.approx(want["losses"], rel=1e-5)
     for step, (g, w) in enumerate(zip(got["grads"], want["grads"], strict=True)):
-        assert g.keys() == w.keys() == {"0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"}
+        assert g.keys() == w.keys() == names
         for name in w:
             assert w[name].abs().sum() > 0, f"step {step}: d{name} is zero, the comparison would prove nothing"
             torch.testing.assert_close(g[name], w[name], msg=lambda m, n=name, s=step: f"step {s}, d{n}: {m}")
+    assert got["params"].keys() == names
     for name in want["params"]:
         torch.testing.assert_close(got["params"][name], want["params"][name])
 
 
-def test_ddp_matches_one_process(tmp_path, single_process):
-    assert_same_training(run_distributed("ddp", tmp_path), single_process)
+LORA_NAMES = {"0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"}
+MULTI_NAMES = {f"{layer}.lora_{ab}.{name}.weight" for layer in ("first", "second") for ab in "AB" for name in "abc"}
+
+
+def test_ddp_matches_one_process(ddp, single_process):
+    assert_same_training(ddp["lora"], single_process["lora"], LORA_NAMES)
+
+
+def test_ddp_with_multi_lora_layers_matches_one_process(ddp, single_process):
+    assert 2 not in ADAPTER_IDS[:PER_RANK] and 2 in ADAPTER_IDS[PER_RANK:], "adapter c has rows on rank 1 only"
+    assert_same_training(ddp["multi"], single_process["multi"], MULTI_NAMES)
 
 
 def test_fsdp2_matches_one_process(tmp_path, single_process):
-    result = run_distributed("fsdp2", tmp_path)
+    result = run_distributed("fsdp2", tmp_path)["lora"]
     assert result["weight_sharded"] and result["weight_frozen"]
-    assert_same_training(result, single_process)
+    assert_same_training(result, single_process["lora"], LORA_NAMES)

@@ -10,7 +10,8 @@ with TRITON_INTERPRET=1). Same interface as `torch_backend`:
 x: (M, K), weight: (N, K), adapters: batch.Adapters, rows: batch.Rows of a
 multi-adapter call or None. H, G: (M, width) in the adapters' dtype, zero
 past each row's rank and on rows without an adapter. An adapter without rows
-gets a zero gradient.
+gets a zero gradient. Each primitive runs one of its candidates
+(`candidates.py`), as `tuning.choose` decides for the shape.
 """
 
 import torch
@@ -18,8 +19,8 @@ import triton
 
 from ..kernels.adapters import LaunchAdapters
 from ..kernels.common import INTERPRETED, dropout_mask_kernel
-from ..kernels.gemm import lora_gemm
-from ..kernels.reduce import lora_reduce
+from . import tuning
+from .candidates import CANDIDATES, Call
 
 # The kernels keep a (BLOCK_M x R_PAD) accumulator in registers; past 256 it
 # cannot fit in any tile the autotuner has.
@@ -43,74 +44,70 @@ def _precision(dtype: torch.dtype) -> str:
     return fp32_precision() if dtype == torch.float32 and not INTERPRETED else "ieee"
 
 
-def _launch_adapters(adapters, rows) -> LaunchAdapters | None:
-    if adapters.count == 0:
-        return None
-    if adapters.width > MAX_RANK:
-        raise ValueError(
-            f"an adapter has rank r = {adapters.width}: the Triton kernels take r <= {MAX_RANK}; "
-            "use fused_lora.set_backend('torch') for larger ranks"
-        )
-    return LaunchAdapters(*adapters, multi=rows is not None)
+def _call(x, weight, bias, adapters, rows, seed, out=None, h_out=None) -> Call:
+    launch = None
+    if adapters.count:
+        if adapters.width > MAX_RANK:
+            raise ValueError(
+                f"an adapter has rank r = {adapters.width}: the Triton kernels take r <= {MAX_RANK}; "
+                "use fused_lora.set_backend('torch') for larger ranks"
+            )
+        launch = LaunchAdapters(*adapters, multi=rows is not None)
+    lora_dtype = launch.dtype if launch else x.dtype
+    return Call(x, weight, bias, adapters, launch, rows, seed, _precision(x.dtype), _precision(lora_dtype), out, h_out)
 
 
-def _rows(rows):
-    return {} if rows is None else dict(order=rows.order, ids=rows.ids)
+def _run(kind, call, m, *args, **kwargs):
+    def run(name):
+        return CANDIDATES[kind][name](call, *args, **kwargs)
+
+    return run(tuning.choose(kind, call, m, run))
 
 
 def forward(x, weight, bias, adapters, rows, seed=0, *, out=None, h_out=None):
-    launch = _launch_adapters(adapters, rows)
-    y, h = lora_gemm(
-        x, weight.t(), bias, launch, dx=False, compute_y=True, base_precision=_precision(x.dtype),
-        lora_precision=_precision(launch.dtype if launch else x.dtype), seed=seed, out=out, h_out=h_out, **_rows(rows),
-    )  # fmt: skip
+    call = _call(x, weight, bias, adapters, rows, seed, out, h_out)
+    y, h = _run("forward", call, x.shape[0])
     return y, x.new_empty((x.shape[0], 0)) if h is None else h
 
 
 def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True, out=None, g_out=None):
-    launch = _launch_adapters(adapters, rows)
     # dX = dY W is the forward's GEMM with W (N, K) as its "W^T".
-    dx, g = lora_gemm(
-        grad_y, weight, None, launch, dx=True, compute_y=compute_dx, base_precision=_precision(grad_y.dtype),
-        lora_precision=_precision(launch.dtype if launch else grad_y.dtype), seed=seed, out=out, h_out=g_out,
-        **_rows(rows),
-    )  # fmt: skip
+    call = _call(grad_y, weight, None, adapters, rows, seed, out, g_out)
+    dx, g = _run("grad_x", call, grad_y.shape[0], compute_dx)
     return dx, grad_y.new_empty((grad_y.shape[0], 0)) if g is None else g
 
 
-def _reduce(wide, skinny, adapters, rows, *, scaled, dropout, transpose, seed=0, out=None):
+def _reduce(wide, skinny, adapters, rows, *, scaled, transpose, seed=0, out=None):
     """Per adapter, scale * dropout(wide)^T @ skinny as (P, r_a), or its
     transpose (r_a, P) (dA), in the adapters' dtype."""
-    launch = _launch_adapters(adapters, rows)
+    if rows is not None:
+        rows = rows.grouped(adapters.count)
+    call = _call(wide, wide, None, adapters, rows, seed)
     p, r = wide.shape[1], skinny.shape[1]
-    kwargs = dict(scaled=scaled, dropout=dropout, precision=_precision(skinny.dtype), seed=seed)
     if rows is None:  # one adapter: written in place, dA through a transposed view
         shape = (r, p) if transpose else (p, r)
         out = torch.empty(shape, device=wide.device, dtype=skinny.dtype) if out is None else out
-        lora_reduce(wide, skinny, launch, out=(out.t() if transpose else out).unsqueeze(0), **kwargs)
+        _run("reduce", call, wide.shape[0], wide, skinny, scaled=scaled, out=(out.t() if transpose else out)[None])
         return [out]
-    rows = rows.grouped(adapters.count)
-    sums = torch.empty(
-        (adapters.count, p, r), device=wide.device, dtype=torch.promote_types(skinny.dtype, torch.float32)
-    )
-    lora_reduce(wide, skinny, launch, order=rows.order, ids=rows.ids, starts=rows.starts, out=sums, **kwargs)
+    sum_dtype = torch.promote_types(skinny.dtype, torch.float32)
+    sums = torch.empty((adapters.count, p, r), device=wide.device, dtype=sum_dtype)
+    _run("reduce", call, wide.shape[0], wide, skinny, scaled=scaled, out=sums)
     grads = []
     for a, lora_a in enumerate(adapters.lora_a):
         grad = sums[a, :, : lora_a.shape[0]]
-        grads.append(
-            (grad.t() if transpose else grad).to(skinny.dtype, memory_format=torch.contiguous_format, copy=True)
-        )
+        grad = grad.t() if transpose else grad
+        grads.append(grad.to(skinny.dtype, memory_format=torch.contiguous_format, copy=True))  # own storage
     return grads
 
 
 def grad_a(x, g, adapters, rows, seed=0, *, out=None):
     """dA_a = G_a^T dropout(x_a): (r_a, K) for every adapter."""
-    return _reduce(x, g, adapters, rows, scaled=False, dropout=True, transpose=True, seed=seed, out=out)
+    return _reduce(x, g, adapters, rows, scaled=False, transpose=True, seed=seed, out=out)
 
 
 def grad_b(grad_y, h, adapters, rows, *, out=None):
     """dB_a = s_a dY_a^T H_a: (N, r_a) for every adapter."""
-    return _reduce(grad_y, h, adapters, rows, scaled=True, dropout=False, transpose=False, out=out)
+    return _reduce(grad_y, h, adapters, rows, scaled=True, transpose=False, out=out)
 
 
 def dropout_mask(m, k, dropout_p, seed, device):

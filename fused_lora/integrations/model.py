@@ -112,7 +112,7 @@ def apply_lora(
 
     Each selected nn.Linear is replaced by `LoRALinear.from_linear(linear, ...)`,
     which shares its weight and bias (no copy). Afterwards only LoRA
-    parameters (lora_A / lora_B of every LoRALinear in the model) require
+    parameters (lora_A / lora_B of every LoRA layer in the model) require
     grad; every other parameter is frozen. Arguments are PEFT's LoraConfig
     fields (see the module docstring for the matching rules); rank_pattern /
     alpha_pattern override r / lora_alpha per module. init_lora_weights="pissa"
@@ -128,7 +128,8 @@ def apply_lora(
     if not selected:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:10]
         raise ValueError(f"target_modules={target_modules!r} matched no module; nn.Linear modules include {linears}")
-    for name, module in selected:
+    arguments = {}
+    for name, module in selected:  # every check before any change: a failed call changes nothing
         if isinstance(module, LoRALinear | MultiLoRALinear):
             raise ValueError(f"module {name!r} already has a LoRA adapter (one adapter per layer)")
         if not isinstance(module, nn.Linear):
@@ -136,23 +137,26 @@ def apply_lora(
                 f"target_modules={target_modules!r} selects {name!r}, a {type(module).__name__}; "
                 "only nn.Linear modules can take a LoRA adapter"
             )
-
-    for name, linear in selected:
-        layer = LoRALinear.from_linear(
-            linear,
+        arguments[name] = dict(
             r=pattern_value(rank_pattern or {}, name, r),
             lora_alpha=pattern_value(alpha_pattern or {}, name, lora_alpha),
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             init_lora_weights=init_lora_weights,
-            lora_dtype=lora_dtype,
         )
-        set_submodule(model, name, layer)
+        LoRALinear.check_arguments(module.in_features, module.out_features, **arguments[name])
 
-    adapters = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A.weight, layer.lora_B.weight)}
+    for name, linear in selected:
+        set_submodule(model, name, LoRALinear.from_linear(linear, lora_dtype=lora_dtype, **arguments[name]))
+
+    adapters = {id(p) for layer in _any_lora_layers(model).values() for p in _adapter_parameters(layer)}
     for p in model.parameters():
         p.requires_grad_(id(p) in adapters)
     return model
+
+
+def _adapter_parameters(layer: LoRALinear | MultiLoRALinear):
+    return [p for name, p in layer.named_parameters() if name.startswith(("lora_A.", "lora_B."))]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -184,6 +188,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if isinstance(layer, LoRALinear):
             layer.merge()
         elif layer.active_adapter in layer.lora_A:
+            if layer.merged_adapter != layer.active_adapter:
+                layer.unmerge()  # another adapter was merged: the active one replaces it
             layer.merge(layer.active_adapter)
         set_submodule(model, name, base_linear(layer))
     return model

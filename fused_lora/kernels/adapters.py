@@ -36,7 +36,7 @@ class LaunchAdapters:
         self.dtype = lora_a[0].dtype
         self.width = max(a.shape[0] for a in lora_a)
         self.has_dropout = any(p > 0 for p in dropout_p)
-        self.scales = scalings.to(torch.float64 if self.dtype == torch.float64 else torch.float32)
+        self.scales = scalings.to(torch.float64 if self.dtype == torch.float64 else torch.float32).contiguous()
         if multi:
             lora_a = [_aligned(a) for a in lora_a]
             lora_b = [_aligned(b) for b in lora_b]

@@ -98,13 +98,13 @@ def next_adapter(ids, after, NUM_ADAPTERS):
 
 
 @triton.jit
-def adapter_matrix(table_ptr, a, NUM_ADAPTERS, like_ptr, WHICH: tl.constexpr, RANK_MULTIPLE: tl.constexpr):
-    """(pointer to adapter a's A (WHICH = LORA_A) or B (LORA_B), typed like
-    like_ptr, the adapters' dtype; its rank). For a == NUM_ADAPTERS (no
-    adapter) the rank is 0, so every load through the pointer is masked off."""
+def adapter_matrix(table_ptr, a, NUM_ADAPTERS, DTYPE: tl.constexpr, WHICH: tl.constexpr, RANK_MULTIPLE: tl.constexpr):
+    """(pointer to adapter a's A (WHICH = LORA_A) or B (LORA_B), of the
+    adapters' DTYPE; its rank). For a == NUM_ADAPTERS (no adapter) the rank
+    is 0, so every load through the pointer is masked off."""
     valid = a < NUM_ADAPTERS
     entry = table_ptr + a * TABLE_WIDTH
-    matrix = tl.load(entry + WHICH, mask=valid, other=0).to(like_ptr.dtype)
+    matrix = tl.load(entry + WHICH, mask=valid, other=0).to(tl.pointer_type(DTYPE))
     rank = tl.load(entry + RANK, mask=valid, other=0).to(tl.int32)
     # What Triton's launcher would specialize on were these arguments: the
     # launcher aligns every adapter to 16 bytes, and every rank is a multiple
@@ -118,6 +118,15 @@ def row_values(values_ptr, ids):
     """Each row's adapter's value (scaling or dropout p, one per adapter at
     values_ptr); 0 on rows without an adapter."""
     return tl.load(values_ptr + ids, mask=ids >= 0, other=0.0)
+
+
+TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+TORCH_DTYPES = {tl_dtype: torch_dtype for torch_dtype, tl_dtype in TL_DTYPES.items()}
 
 
 def accumulator_dtype(dtype: torch.dtype):

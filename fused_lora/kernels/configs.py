@@ -58,12 +58,23 @@ GEMM_CONFIGS = [
 # (r = 256) only in 16-row tiles spread over 8 warps.
 MULTI_GEMM_CONFIGS = [*GEMM_CONFIGS, *_configs(8, 2, (16, 128, 32), (16, 64, 32))]
 
+# The split-K sum: one (BLOCK_M x BLOCK_N) tile of y per program.
+FINISH_TILE = dict(BLOCK_M=16, BLOCK_N=64)
+
 # dA / dB kernel: (BLOCK_P x R_PAD) outputs reduced over M in BLOCK_M steps.
 # Every BLOCK_M divides SPLIT_M_QUANTUM so a split boundary is a tile boundary.
 SPLIT_M_QUANTUM = 256
 REDUCE_CONFIGS = [
     triton.Config(dict(BLOCK_P=p, BLOCK_M=m), num_warps=w, num_stages=s)
     for p, m, w, s in [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 2)]
+]
+
+# The shrink pre-pass: BLOCK_M rows x the whole rank per program, reduced over
+# K in BLOCK_K steps; short row blocks so that a prefill batch has programs
+# for every SM (M = 4096 in 16-row blocks: 256 programs).
+SHRINK_CONFIGS = [
+    triton.Config(dict(BLOCK_M=m, BLOCK_K=k), num_warps=w, num_stages=s)
+    for m, k, w, s in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (16, 256, 4, 3), (32, 64, 4, 3)]
 ]
 
 # fp32 accumulator registers per thread above which ptxas starts to spill
@@ -107,6 +118,19 @@ def prune_gemm(configs, *, r_pad: int, m: int, wide_dtype, adapter_dtype) -> lis
     return kept or fitting or [min(configs, key=lambda c: estimate_gemm_registers(c, r_pad))]
 
 
+def prune_shrink(configs, *, r_pad: int, wide_dtype, adapter_dtype) -> list:
+    """Keep the shrink configs whose (BLOCK_M x R_PAD) accumulator fits in
+    registers and whose stages fit in shared memory."""
+    limit = min(SHARED_MEMORY_LIMIT.values())
+
+    def fits(c):
+        k = c.kwargs
+        shared = c.num_stages * k["BLOCK_K"] * (k["BLOCK_M"] * wide_dtype.itemsize + r_pad * adapter_dtype.itemsize)
+        return shared <= limit and k["BLOCK_M"] * r_pad // (32 * c.num_warps) <= ACCUMULATOR_REGISTERS["reduce"]
+
+    return [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.num_stages)]
+
+
 def prune_reduce(configs, *, r_pad: int, wide_dtype, skinny_dtype) -> list:
     """Keep the dA / dB configs whose (BLOCK_P x R_PAD) accumulator fits in
     registers and whose stages fit in shared memory."""
@@ -127,18 +151,21 @@ def prune_reduce(configs, *, r_pad: int, wide_dtype, skinny_dtype) -> list:
 INTERPRETER_CONFIGS = {
     "large": {
         "gemm": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=4),
+        "shrink": dict(BLOCK_M=64, BLOCK_K=64),
         "reduce": dict(BLOCK_P=64, BLOCK_M=64),
         "split_m": 256,
     },
     "small": {
         "gemm": dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2),
+        "shrink": dict(BLOCK_M=16, BLOCK_K=16),
         "reduce": dict(BLOCK_P=16, BLOCK_M=16),
         "split_m": 32,
     },
 }
 _interpreter_config = os.environ.get("FUSED_LORA_INTERPRETER_CONFIG", "large")
-# On a GPU: the first config that survives pruning instead of autotuning.
-FIXED_ON_GPU = os.environ.get("FUSED_LORA_FIXED_CONFIG", "0") not in ("", "0")
+# On a GPU: time the configs (and the backend's candidates) instead of taking
+# the first that fits; results cached on disk.
+TUNE = os.environ.get("FUSED_LORA_TUNE", "0") not in ("", "0")
 
 
 def interpreter_config() -> dict:

@@ -164,6 +164,7 @@ lora_reduce_tuned = triton.autotune(
     key=["M_BUCKET", "P", "R_PAD", "MULTI", "SCALED", "DROPOUT", "MODE", "PRECISION"],
     reset_to_zero=["out_ptr"],
     prune_configs_by={"early_config_prune": _prune},
+    cache_results=True,
 )(lora_reduce_kernel)
 
 
