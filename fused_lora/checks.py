@@ -40,6 +40,8 @@ def check_scaling_tensor(name: str, value: torch.Tensor, shapes: tuple, x: torch
     are set."""
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
+    if value.requires_grad:
+        raise ValueError(f"{name} must not require grad: a scaling is data (lora_alpha / r), not a parameter")
     if tuple(value.shape) not in shapes:
         raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(value.shape)}")
     if value.device != x.device:
