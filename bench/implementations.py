@@ -111,7 +111,7 @@ def triton_base(x, p: Params):
     forward only): x W^T + bias, to compare our GEMM with cuBLAS's."""
     precision = triton_backend.fp32_precision() if x.dtype == torch.float32 else "ieee"
     y, _ = lora_gemm(
-        x, p.weight.t(), p.bias, None, dx=False, compute_y=True, base_precision=precision, lora_precision=precision
+        x, p.weight, p.bias, None, dx=False, compute_y=True, base_precision=precision, lora_precision=precision
     )
     return y
 

@@ -90,7 +90,9 @@ def rows(device: str, compile_: bool, m: int = 1, k: int = 64, n: int = 64, r: i
     table.append(
         (
             "custom op, training (what compiled code calls)",
-            lambda: ops.lora_forward(x, w, b, [a], [bb], layer._scalings, [0.0], None, None, None, None, "auto"),
+            lambda: ops.lora_forward(
+                x, w, b, [a], [bb], layer._scalings, [0.0], None, None, None, None, "auto", "dense", [], None, False
+            ),
             True,
         )
     )

@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from .quantized import QuantizedWeight
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -58,14 +60,19 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be None or an int in [0, 2**31), got {seed!r}")
 
 
+def _is_weight(value) -> bool:
+    return isinstance(value, torch.Tensor | QuantizedWeight)
+
+
 def check_inputs(x, weight, bias, lora_a, lora_b, scalings, dropout_p, *, names):
     """x: (..., K), weight: (N, K), bias: (N,) or None; lora_a[i]: (r_i, K),
     lora_b[i]: (N, r_i), scalings[i] (finite) and dropout_p[i] floats (or
     scalings None: a tensor, checked by check_scaling_tensor), all adapters
     of one dtype; `names(kind, i)` is how the error names adapter i's
     argument ("lora_a" for one adapter, "lora_a[1]" for many)."""
-    for name, value in (("x", x), ("weight", weight)):
-        require_tensor(name, value)
+    require_tensor("x", x)
+    if not _is_weight(weight):
+        raise TypeError(f"weight must be a torch.Tensor or a QuantizedWeight, got {type(weight).__name__}")
     if bias is not None:
         require_tensor("bias", bias)
     for i in range(len(lora_a)):
@@ -75,7 +82,8 @@ def check_inputs(x, weight, bias, lora_a, lora_b, scalings, dropout_p, *, names)
             check_scaling(names("scaling", i), scalings[i])
         check_dropout(names("dropout_p", i), dropout_p[i])
 
-    _require_dim("weight", weight, 2, "(out_features, in_features)")
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     n, k = weight.shape
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension (..., in_features={k}), got a 0-d tensor")

@@ -5,6 +5,7 @@ for meta tensors), its autograd Function when eager code needs gradients,
 the bare implementation otherwise (inference pays no autograd host time).
 One adapter is the case of many with no row ids."""
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -13,7 +14,8 @@ import torch
 
 from . import backends, ops
 from .batch import UNSORTED_MAX_ROWS, group_rows
-from .checks import check_adapter_ids, check_dropout, check_inputs, check_scaling_tensor, check_seed
+from .checks import check_adapter_ids, check_dropout, check_inputs, check_scaling_tensor, check_seed, require_tensor
+from .quantized import QuantizedWeight
 
 
 def _one_name(kind, _i):
@@ -38,7 +40,8 @@ def lora_linear(
     """The LoRA linear layer, fused: y = x W^T + bias + scaling * (d A^T) B^T,
     d = dropout(x, dropout_p) on the LoRA branch only (d = x when dropout_p = 0).
 
-    x: (..., K); weight: (N, K); bias: (N,) or None; lora_a: (r, K);
+    x: (..., K); weight: (N, K), a tensor or a QuantizedWeight (NF4 / FP8,
+    decoded tile by tile inside the kernels); bias: (N,) or None; lora_a: (r, K);
     lora_b: (N, r); scaling: a finite float (lora_alpha / r in PEFT), or a
     float tensor of one element on x's device (a layer's: data, so a
     compiled graph serves any value; its value is not checked here).
@@ -138,7 +141,74 @@ def multi_lora_linear(
     return _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids.reshape(-1))
 
 
-def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids):
+def dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq=None) -> torch.Tensor:
+    """n (N,) fp32: the row norms ||W_j + s B_j A|| that DoRA divides by,
+    without forming W + s B A: ||W_j||^2 + 2 s (W A^T)_j . B_j +
+    s^2 B_j (A A^T) B_j^T, from the skinny products W A^T (N x r) and A A^T
+    (r x r). weight_norm_sq: ||W_j||^2, which does not change while W is
+    frozen (a layer caches it). Detached: DoRA treats n as a constant."""
+    with torch.no_grad():
+        w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+        wide = torch.promote_types(w.dtype, torch.float32)
+        a, b, s = lora_a.to(wide), lora_b.to(wide), scaling
+        if weight_norm_sq is None:
+            weight_norm_sq = w.to(wide).square().sum(1)
+        wa = torch.mm(w.to(wide), a.t())
+        norm_sq = weight_norm_sq + 2 * s * (wa * b).sum(1) + s * s * (torch.mm(b, torch.mm(a, a.t())) * b).sum(1)
+        return norm_sq.clamp_min(0).sqrt()
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float | torch.Tensor,
+    magnitude: torch.Tensor,
+    *,
+    dropout_p: float = 0.0,
+    weight_norm_sq: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA (weight-decomposed LoRA), as PEFT computes it:
+
+        y = (m / n) * (x W^T + s (x A^T) B^T) + bias,   n_j = ||W_j + s B_j A||
+
+    with n a constant of the backward (as PEFT and the DoRA paper have it).
+    magnitude: m (N,), trainable; other arguments as lora_linear's. The
+    column scale m / n is applied in the fused kernel's epilogue, and z (the
+    unscaled output) is kept for m's gradient, sum_i dY_ij z_ij / n_j, when m
+    requires grad (as PEFT's autograd keeps as much).
+
+    With dropout (dropout_p > 0; a layer passes it in training mode only),
+    PEFT's form y = x W^T + bias + (m/n - 1) (d W^T) + (m/n) s (d A^T) B^T,
+    d = dropout(x): composed from torch's dropout and the fused op on d,
+    not fused into one kernel.
+    """
+    check_dropout("dropout_p", dropout_p)
+    require_tensor("magnitude", magnitude)
+    n_out = weight.shape[0]
+    if tuple(magnitude.shape) != (n_out,) or not magnitude.is_floating_point():
+        raise ValueError(f"magnitude must be a float tensor of shape ({n_out},), got {tuple(magnitude.shape)}")
+    s = float(scaling) if not isinstance(scaling, torch.Tensor) else scaling.reshape(()).item()
+    norm = dora_weight_norm(weight, lora_a, lora_b, s, weight_norm_sq)
+    column_scale = magnitude.float() / norm
+    if dropout_p == 0:
+        return _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale)
+    d = torch.nn.functional.dropout(x, dropout_p)
+    w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+    base = torch.nn.functional.linear(x, w, bias) - torch.nn.functional.linear(d, w)
+    return base + _dora(d, weight, None, lora_a, lora_b, scaling, column_scale)
+
+
+def _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale):
+    tensor = isinstance(scaling, torch.Tensor)
+    check_inputs(x, weight, bias, [lora_a], [lora_b], None if tensor else [scaling], [0.0], names=_one_name)
+    scalings = _as_tensor(scaling if tensor else [scaling], x.device, lora_a.dtype)
+    return _run(x, weight, bias, [lora_a], [lora_b], scalings, [0.0], None, None, column_scale)
+
+
+def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids, column_scale=None):
     """Checked inputs -> y: the seed, the rows, then the op by its route."""
     seed_tensor = None
     if any(p > 0 for p in dropout_p):
@@ -161,14 +231,17 @@ def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids
             counts = torch.bincount(adapter_ids.to(torch.int64) + 1, minlength=len(lora_a) + 1).tolist()
             present = [c > 0 for c in counts[1:]]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view where the strides allow one
-    args = (x2d, weight, bias, lora_a, lora_b, scalings, [float(p) for p in dropout_p], seed_tensor, *rows,
-            backends.requested())  # fmt: skip
+    data, spec, parts = ops.weight_args(weight)
+    keep_z = column_scale is not None and column_scale.requires_grad and torch.is_grad_enabled()
+    args = (x2d, data, bias, lora_a, lora_b, scalings, [float(p) for p in dropout_p], seed_tensor, *rows,
+            backends.requested(), spec, parts, column_scale, keep_z)  # fmt: skip
     if torch.compiler.is_compiling() or x.device.type == "meta":
-        y, _ = ops.lora_forward(*args)  # the custom op: Dynamo and AOTAutograd trace it; meta runs its fake
-    elif torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b):
-        y, _ = ops.LoRAFunction.apply(*args[:3], *args[5:], present, *lora_a, *lora_b)
+        y, _, _ = ops.lora_forward(*args)  # the custom op: Dynamo and AOTAutograd trace it; meta runs its fake
+    elif torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, column_scale):
+        y, _, _ = ops.LoRAFunction.apply(*args[:3], *args[5:13], column_scale, keep_z, present, *lora_a, *lora_b,
+                                         *parts)  # fmt: skip
     else:
-        y, _ = ops.forward(*args)  # inference: no graph to record, the implementation alone
+        y, _, _ = ops.forward(*args)  # inference: no graph to record, the implementation alone
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -190,10 +263,11 @@ def _cached_tensor(values, dtype, device):
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _any_requires_grad(x, weight, bias, lora_a, lora_b) -> bool:
+def _any_requires_grad(x, weight, bias, lora_a, lora_b, column_scale=None) -> bool:
     return (
         x.requires_grad
-        or weight.requires_grad
+        or (column_scale is not None and column_scale.requires_grad)
+        or (isinstance(weight, torch.Tensor) and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
         or any(a.requires_grad for a in lora_a)
         or any(b.requires_grad for b in lora_b)
@@ -212,6 +286,8 @@ def _autocast(x, weight, bias, lora_a, lora_b):
     dtype = torch.get_autocast_dtype(x.device.type)
 
     def cast(t):
+        if isinstance(t, QuantizedWeight):  # decoded straight into the autocast dtype
+            return dataclasses.replace(t, dtype=dtype) if t.dtype != torch.float64 else t
         castable = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
         return t.to(dtype) if castable else t
 

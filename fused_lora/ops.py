@@ -1,9 +1,11 @@
 """The primitives as `torch.library` custom ops, and the one autograd formula
 over them, for one adapter and for many.
 
-    fused_lora::lora_forward(x, W, bias?, A[], B[], s, p[], seed?, ids?, order?, starts?, backend) -> (y, H)
-    fused_lora::lora_grad_x(dY, W, A[], B[], s, p[], seed?, ids?, order?, starts?, backend)       -> (dX, G)
-    fused_lora::lora_grad_g(dY, W, A[], B[], s, ids?, order?, starts?, backend)                   -> G
+    fused_lora::lora_forward(x, W, bias?, A[], B[], s, p[], seed?, ids?, order?, starts?, backend, Wspec, Wparts[],
+                             c?, keep_z)                                               -> (y, H, z)
+    fused_lora::lora_grad_x(dY, W, A[], B[], s, p[], seed?, ids?, order?, starts?, backend, Wspec, Wparts[])
+                                                                                       -> (dX, G)
+    fused_lora::lora_grad_g(dY, W, A[], B[], s, ids?, order?, starts?, backend, Wspec, Wparts[]) -> G
     fused_lora::lora_grad_a(x, G, A[], B[], s, p[], seed?, ids?, order?, starts?, backend)        -> dA[]
     fused_lora::lora_grad_b(dY, H, A[], B[], s, ids?, order?, starts?, backend)                   -> dB[]
 
@@ -12,6 +14,11 @@ over them, for one adapter and for many.
     H, G: (M, max r_i) in the adapters' dtype;  seed: a 0-d int64 CPU tensor, or None
     ids / order / starts: the rows of a multi-adapter call (`batch.Rows`); None for one adapter
     backend: "auto" | "triton" | "torch", as requested when the forward ran
+    Wspec, Wparts: "dense" and [] for a tensor W; for a quantized base, W is its
+    packed data and these the rest (QuantizedWeight.spec() / parts())
+    c: DoRA's (N,) column scale m / ||W + s B A|| (y = c * z + bias with
+    z = x W^T + s H B^T; its gradient is sum_m dY * z, so z is kept (keep_z)
+    when c requires grad), or None; z: (M, N), or (0,) when not kept
 
 Why `custom_op` (+ `register_fake`, `register_autograd`) and not `triton_op`:
 Inductor cannot fuse much into a GEMM with a LoRA epilogue anyway, the
@@ -39,6 +46,9 @@ from torch import Tensor
 
 from . import backends
 from .batch import Adapters, Rows
+from .quantized import QuantizedWeight
+
+DENSE = "dense"
 
 # ---- the implementations: run the requested backend's primitive --------------------
 
@@ -66,6 +76,22 @@ def _rows(ids, order, starts) -> Rows | None:
     return None if ids is None else Rows(ids, order, starts)
 
 
+def _weight(weight: Tensor, spec: str, parts: list[Tensor]):
+    """The base weight: the tensor, or the QuantizedWeight it is the data of."""
+    return weight if spec == DENSE else QuantizedWeight.from_spec(weight, spec, parts)
+
+
+def weight_args(weight) -> tuple[Tensor, str, list[Tensor]]:
+    """(tensor, spec, parts) for the ops: the inverse of _weight."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.data, weight.spec(), weight.parts()
+    return weight, DENSE, []
+
+
+def _weight_shape(weight: Tensor, spec: str) -> tuple[int, int]:
+    return tuple(weight.shape) if spec == DENSE else QuantizedWeight.from_spec(weight, spec, []).shape
+
+
 @_outside_autocast
 def forward(
     x: Tensor,
@@ -80,11 +106,19 @@ def forward(
     order: Tensor | None,
     starts: Tensor | None,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """y = x W^T + bias + s_a * H B_a^T, H = dropout(x) A_a^T per row:
-    x (M, K) -> y (M, N), H (M, max r)."""
+    weight_spec: str,
+    weight_parts: list[Tensor],
+    column_scale: Tensor | None,
+    keep_z: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """y = x W^T + bias + s_a * H B_a^T, H = dropout(x) A_a^T per row (with
+    DoRA: y = c * (x W^T + s H B^T) + bias): x (M, K) -> y (M, N), H (M, max r), z."""
     adapters = Adapters(lora_a, lora_b, scalings, dropout_p)
-    return backends.select(x, backend).forward(x, weight, bias, adapters, _rows(ids, order, starts), _seed(seed))
+    weight = _weight(weight, weight_spec, weight_parts)
+    out = backends.select(x, backend).forward(
+        x, weight, bias, adapters, _rows(ids, order, starts), _seed(seed), column_scale=column_scale, keep_z=keep_z
+    )
+    return out if keep_z else (*out, x.new_empty((0,)))
 
 
 @_outside_autocast
@@ -100,10 +134,12 @@ def grad_x(
     order: Tensor | None,
     starts: Tensor | None,
     backend: str,
+    weight_spec: str,
+    weight_parts: list[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """dX = dY W + D (G A_a) (M, K) and G = s_a dY B_a (M, max r), in one launch."""
     adapters = Adapters(lora_a, lora_b, scalings, dropout_p)
-    rows = _rows(ids, order, starts)
+    rows, weight = _rows(ids, order, starts), _weight(weight, weight_spec, weight_parts)
     return backends.select(grad_y, backend).grad_x(grad_y, weight, adapters, rows, _seed(seed), compute_dx=True)
 
 
@@ -118,10 +154,12 @@ def grad_g(
     order: Tensor | None,
     starts: Tensor | None,
     backend: str,
+    weight_spec: str,
+    weight_parts: list[Tensor],
 ) -> Tensor:
     """G = s_a dY B_a (M, max r) alone, for training A without dX."""
     adapters = Adapters(lora_a, lora_b, scalings, [0.0] * len(lora_a))
-    rows = _rows(ids, order, starts)
+    rows, weight = _rows(ids, order, starts), _weight(weight, weight_spec, weight_parts)
     return backends.select(grad_y, backend).grad_x(grad_y, weight, adapters, rows, compute_dx=False)[1]
 
 
@@ -177,13 +215,16 @@ def _skinny(like, lora_a):
 
 
 @lora_forward.register_fake
-def _(x, weight, bias, lora_a, lora_b, *_):
-    return x.new_empty((x.shape[0], weight.shape[0])), _skinny(x, lora_a)
+def _(x, weight, bias, lora_a, lora_b, *args):
+    n = _weight_shape(weight, args[-4])[0]
+    z = x.new_empty((x.shape[0], n) if args[-1] else (0,))
+    return x.new_empty((x.shape[0], n)), _skinny(x, lora_a), z
 
 
 @lora_grad_x.register_fake
-def _(grad_y, weight, lora_a, *_):
-    return grad_y.new_empty((grad_y.shape[0], weight.shape[1])), _skinny(grad_y, lora_a)
+def _(grad_y, weight, lora_a, *args):
+    k = _weight_shape(weight, args[-2])[1]
+    return grad_y.new_empty((grad_y.shape[0], k)), _skinny(grad_y, lora_a)
 
 
 @lora_grad_g.register_fake
@@ -207,15 +248,17 @@ OPS = SimpleNamespace(grad_x=lora_grad_x, grad_g=lora_grad_g, grad_a=lora_grad_a
 IMPLEMENTATIONS = SimpleNamespace(grad_x=grad_x, grad_g=grad_g, grad_a=grad_a, grad_b=grad_b)
 
 
-def save_for_backward(ctx, inputs, h, needs):
+def save_for_backward(ctx, inputs, output, needs):
     """Save x (only if an A or W needs a gradient), W, the adapters, the
-    small H (only if a B does), the seed and the rows; the dropout mask is
-    regenerated, never saved. `needs`: (x, W, bias, any A, any B)."""
-    x, weight, _, lora_a, lora_b, scalings, dropout_p, seed, ids, order, starts, backend = inputs
-    _, need_w, _, need_a, need_b = needs
+    small H (only if a B does), the seed, the rows, and DoRA's column scale
+    and z; the dropout mask is regenerated, never saved. `needs`: (x, W,
+    bias, any A, any B, c)."""
+    x, weight, _, lora_a, lora_b, scalings, dropout_p, seed, ids, order, starts, backend, spec, parts, c, _ = inputs
+    _, h, z = output
+    _, need_w, _, need_a, need_b, need_c = needs
     saved = (x if (need_a or need_w) else None, weight, h if need_b else None, seed, ids, order, starts, scalings)
-    ctx.save_for_backward(*saved, *lora_a, *lora_b)
-    ctx.dropout_p, ctx.backend, ctx.count = dropout_p, backend, len(lora_a)
+    ctx.save_for_backward(*saved, c, z if need_c else None, *lora_a, *lora_b, *parts)
+    ctx.dropout_p, ctx.backend, ctx.count, ctx.weight_spec = dropout_p, backend, len(lora_a), spec
 
 
 def backward_formula(ctx, grad_y, needs, prims):
@@ -225,53 +268,66 @@ def backward_formula(ctx, grad_y, needs, prims):
     dA_a = G_a^T d_a         (r_a, K) dL/dA = s B^T dY^T d
     dB_a = s_a dY_a^T H_a    (N, r_a) dL/dB = s dY^T (d A^T)
     dW = dY^T x,  dbias = sum_m dY  (plain torch, only when required)
-    Returns (dX, dW, dbias, [dA_a], [dB_a]); a gradient not needed is None."""
-    x, weight, h, seed, ids, order, starts, s, *adapters = ctx.saved_tensors
-    lora_a, lora_b = adapters[: ctx.count], adapters[ctx.count :]
-    need_x, need_w, need_bias, need_a, need_b = needs
+    DoRA (column scale c): dc = sum_m dY * z, and the terms above take
+    dY * c in place of dY (n, in c = m / n, is a constant of the backward).
+    Returns (dX, dW, dbias, [dA_a], [dB_a], dc); a gradient not needed is None."""
+    x, weight, h, seed, ids, order, starts, s, c, z, *rest = ctx.saved_tensors
+    n = ctx.count
+    lora_a, lora_b, w = rest[:n], rest[n : 2 * n], (ctx.weight_spec, rest[2 * n :])
+    need_x, need_w, need_bias, need_a, need_b, need_c = needs
     p, backend, rows = ctx.dropout_p, ctx.backend, (ids, order, starts)
-    grad_x = grad_w = grad_bias = grads_a = grads_b = None
+    grad_x = grad_w = grad_bias = grads_a = grads_b = grad_c = None
+    if need_c:
+        grad_c = (grad_y.float() * z.float()).sum(0).to(c.dtype)
+    if need_bias:
+        grad_bias = grad_y.sum(0)
+    if c is not None:
+        grad_y = grad_y * c.to(grad_y.dtype)
     if need_x:
-        grad_x, g = prims.grad_x(grad_y, weight, lora_a, lora_b, s, p, seed, *rows, backend)
+        grad_x, g = prims.grad_x(grad_y, weight, lora_a, lora_b, s, p, seed, *rows, backend, *w)
     elif need_a:
-        g = prims.grad_g(grad_y, weight, lora_a, lora_b, s, *rows, backend)
+        g = prims.grad_g(grad_y, weight, lora_a, lora_b, s, *rows, backend, *w)
     if need_a:
         grads_a = prims.grad_a(x, g, lora_a, lora_b, s, p, seed, *rows, backend)
     if need_b:
         grads_b = prims.grad_b(grad_y, h, lora_a, lora_b, s, *rows, backend)
     if need_w:
         grad_w = torch.mm(grad_y.t(), x)
-    if need_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, grad_w, grad_bias, grads_a, grads_b
+    return grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c
 
 
-def _op_needs(ctx):
-    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-    return need_x, need_w, need_bias, any(need_a), any(need_b)
+def _needs(x, weight, bias, lora_a, lora_b, column_scale):
+    """(x, W, bias, any A, any B, c): which gradients the backward computes."""
+    return (
+        x.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+        any(a.requires_grad for a in lora_a),
+        any(b.requires_grad for b in lora_b),
+        column_scale is not None and column_scale.requires_grad,
+    )
 
 
 def _op_setup_context(ctx, inputs, output):
     # needs_input_grad is flat here (list inputs are unflattened for the
     # backward only): ask the inputs themselves.
-    x, weight, bias, lora_a, lora_b = inputs[:5]
-    needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad,
-             any(a.requires_grad for a in lora_a), any(b.requires_grad for b in lora_b))  # fmt: skip
-    save_for_backward(ctx, inputs, output[1], needs)
-    ctx.mark_non_differentiable(output[1])  # H is for the backward only
+    ctx.needs = _needs(*inputs[:5], inputs[14])
+    save_for_backward(ctx, inputs, output, ctx.needs)
+    ctx.mark_non_differentiable(output[1], output[2])  # H and z are for the backward only
     ctx.set_materialize_grads(False)  # so no zero dH is allocated for it
 
 
-def _op_backward(ctx, grad_y, _grad_h):
+def _op_backward(ctx, grad_y, _grad_h, _grad_z):
     """The registered backward: under torch.compile or CUDA graph capture the
     rows cannot be read on the host, so an adapter without rows gets zeros."""
+    weight_parts = [None] * (len(ctx.saved_tensors) - 10 - 2 * ctx.count)
     if grad_y is None:  # y did not reach the loss
-        return (None,) * 12
+        return (None,) * 13 + (weight_parts, None, None)
     need_a, need_b = ctx.needs_input_grad[3:5]
-    grad_x, grad_w, grad_bias, grads_a, grads_b = backward_formula(ctx, grad_y, _op_needs(ctx), OPS)
+    grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c = backward_formula(ctx, grad_y, ctx.needs, OPS)
     grads_a = [g if need else None for g, need in zip(grads_a or [None] * ctx.count, need_a, strict=True)]
     grads_b = [g if need else None for g, need in zip(grads_b or [None] * ctx.count, need_b, strict=True)]
-    return grad_x, grad_w, grad_bias, grads_a, grads_b, *(None,) * 7
+    return grad_x, grad_w, grad_bias, grads_a, grads_b, *(None,) * 8, weight_parts, grad_c, None
 
 
 lora_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -280,31 +336,32 @@ lora_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
 class LoRAFunction(torch.autograd.Function):
     """lora_forward's autograd for eager calls, without the dispatcher's
     Python layers: the same implementations, saved tensors and formula.
-    Autograd only sees tensors passed directly, so the adapters come last,
-    flattened: apply(x, W, bias, s, p[], seed, ids, order, starts, backend,
-    present, *A, *B). `present` (which adapters have rows; None: read from
-    the rows when needed) decides which adapters get None, not zeros."""
+    Autograd only sees tensors passed directly, so the adapters and the
+    weight's parts come last, flattened: apply(x, W, bias, s, p[], seed, ids,
+    order, starts, backend, Wspec, c, keep_z, present, *A, *B, *Wparts).
+    `present` (which adapters have rows; None: read from the rows when
+    needed) decides which adapters get None, not zeros."""
+
+    FIRST_ADAPTER = 14  # the index of A_0 in apply's arguments
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scalings, dropout_p, seed, ids, order, starts, backend, present, *lora):
-        n = len(dropout_p)
-        lora_a, lora_b = list(lora[:n]), list(lora[n:])
-        inputs = (x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, ids, order, starts, backend)
-        output = forward(*inputs)
-        grads = ctx.needs_input_grad
-        needs = (grads[0], grads[1], grads[2], any(grads[11 : 11 + n]), any(grads[11 + n :]))
-        save_for_backward(ctx, inputs, output[1], needs)
-        ctx.needs, ctx.present = needs, present
-        ctx.mark_non_differentiable(output[1])
+    def forward(ctx, x, weight, bias, scalings, p, seed, ids, order, starts, backend, spec, c, keep_z, present, *lora):
+        n = len(p)
+        lora_a, lora_b, parts = list(lora[:n]), list(lora[n : 2 * n]), list(lora[2 * n :])
+        inputs = (x, weight, bias, lora_a, lora_b, scalings, p, seed, ids, order, starts, backend, spec, parts, c)
+        output = forward(*inputs, keep_z)
+        save_for_backward(ctx, (*inputs, keep_z), output, _needs(x, weight, bias, lora_a, lora_b, c))
+        ctx.needs, ctx.present = _needs(x, weight, bias, lora_a, lora_b, c), present
+        ctx.mark_non_differentiable(output[1], output[2])
         ctx.set_materialize_grads(False)
         return output
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_h):
-        n = ctx.count
+    def backward(ctx, grad_y, _grad_h, _grad_z):
+        n, first = ctx.count, LoRAFunction.FIRST_ADAPTER
         if grad_y is None:
-            return (None,) * (11 + 2 * n)
-        grad_x, grad_w, grad_bias, grads_a, grads_b = backward_formula(ctx, grad_y, ctx.needs, IMPLEMENTATIONS)
+            return (None,) * len(ctx.needs_input_grad)
+        grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c = backward_formula(ctx, grad_y, ctx.needs, IMPLEMENTATIONS)
         present = ctx.present
         ids, order, starts = ctx.saved_tensors[4:7]
         if present is None and ids is not None and not _capturing(grad_y):
@@ -312,9 +369,10 @@ class LoRAFunction(torch.autograd.Function):
         grads = [*(grads_a or [None] * n), *(grads_b or [None] * n)]
         grads = [
             g if need and (present is None or present[i % n]) else None
-            for i, (g, need) in enumerate(zip(grads, ctx.needs_input_grad[11:], strict=True))
+            for i, (g, need) in enumerate(zip(grads, ctx.needs_input_grad[first : first + 2 * n], strict=True))
         ]
-        return grad_x, grad_w, grad_bias, *(None,) * 8, *grads
+        parts = [None] * (len(ctx.needs_input_grad) - first - 2 * n)
+        return grad_x, grad_w, grad_bias, *(None,) * 8, grad_c, None, None, *grads, *parts
 
 
 def _capturing(t: Tensor) -> bool:

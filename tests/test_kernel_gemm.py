@@ -337,7 +337,7 @@ def test_plain_gemm_without_adapters(dtype, adapter_dtype, bias, config):
     x, w, b = inputs["x"], inputs["weight"], inputs["bias"]
     out = poisoned((33, 70), dtype, DEVICE)
     y, h = lora_gemm(
-        padded(x), padded(w).t(), None if b is None else padded(b), None, dx=False, compute_y=True,
+        padded(x), padded(w), None if b is None else padded(b), None, dx=False, compute_y=True,
         base_precision="ieee", lora_precision="ieee", out=out,
     )  # fmt: skip
     assert y is out and h is None
@@ -386,7 +386,7 @@ def test_strided_bias_is_read_with_its_stride(kind, config):
         assert_matches_reference(y, y_ref, torch.float32, name=f"y (many adapters, {m}x{k}x{n})")
         base_ref = f64(inputs["x"]) @ f64(inputs["weight"]).t() + f64(inputs["bias"])
         y, _ = lora_gemm(
-            inputs["x"], inputs["weight"].t(), inputs["bias"], None, dx=False, compute_y=True,
+            inputs["x"], inputs["weight"], inputs["bias"], None, dx=False, compute_y=True,
             base_precision="ieee", lora_precision="ieee",
         )  # fmt: skip
         assert_matches_reference(y, base_ref, torch.float32, name=f"y (plain GEMM, {m}x{k}x{n})")

@@ -51,6 +51,10 @@ def rows_for(kind, m, n):
     return rows.ids, rows.order, rows.starts
 
 
+# A dense base weight: no quantization spec, no parts.
+DENSE = ("dense", [])
+
+
 def op_inputs(case, dtypes, requires_grad=("x", "lora_a", "lora_b")):
     """The arguments of lora_forward for a case, tensors on DEVICE."""
     m, dropout_p, bias, kind = CASES[case]
@@ -73,20 +77,20 @@ def op_inputs(case, dtypes, requires_grad=("x", "lora_a", "lora_b")):
 @pytest.mark.parametrize("case", CASES)
 def test_opcheck_forward(backend, dtypes, case):
     _, args = op_inputs(case, dtypes)
-    torch.library.opcheck(ops.lora_forward, (*args, backend), test_utils=CHECKS)
+    torch.library.opcheck(ops.lora_forward, (*args, backend, *DENSE, None, False), test_utils=CHECKS)
 
 
 @pytest.mark.parametrize("case", ["one", "many-sorted"])
 def test_opcheck_forward_every_gradient(backend, case):
     _, args = op_inputs(case, "fp32", requires_grad=("x", "weight", "bias", "lora_a", "lora_b"))
-    torch.library.opcheck(ops.lora_forward, (*args, backend), test_utils=CHECKS)
+    torch.library.opcheck(ops.lora_forward, (*args, backend, *DENSE, None, False), test_utils=CHECKS)
 
 
 @pytest.mark.parametrize("case", ["one", "many-sorted"])
 def test_opcheck_forward_frozen_adapters(backend, case):
     """Only x requires grad (a frozen layer's input gradient)."""
     _, args = op_inputs(case, "fp32", requires_grad=("x",))
-    torch.library.opcheck(ops.lora_forward, (*args, backend), test_utils=CHECKS)
+    torch.library.opcheck(ops.lora_forward, (*args, backend, *DENSE, None, False), test_utils=CHECKS)
 
 
 @pytest.mark.parametrize("dtypes", DTYPES)
@@ -101,9 +105,9 @@ def test_opcheck_backward_ops(backend, dtypes, case):
     h = randn(m, width, dtype=adapter_dtype, device=DEVICE)
     rows = (ids, order, starts)
     for op, op_args in (
-        (ops.lora_grad_x, (dy, w, a, b, s, p, seed, *rows, backend)),
-        (ops.lora_grad_x, (dy, w, a, b, s, [0.0] * len(a), None, *rows, backend)),
-        (ops.lora_grad_g, (dy, w, a, b, s, *rows, backend)),
+        (ops.lora_grad_x, (dy, w, a, b, s, p, seed, *rows, backend, *DENSE)),
+        (ops.lora_grad_x, (dy, w, a, b, s, [0.0] * len(a), None, *rows, backend, *DENSE)),
+        (ops.lora_grad_g, (dy, w, a, b, s, *rows, backend, *DENSE)),
         (ops.lora_grad_a, (x, g, a, b, s, p, seed, *rows, backend)),
         (ops.lora_grad_b, (dy, h, a, b, s, *rows, backend)),
     ):
@@ -128,9 +132,11 @@ def _run(route, t, args, backend):
     x, w, bias, a, b = (leaves[n] for n in ("x", "weight", "bias", "lora_a", "lora_b"))
     s, p, seed, ids, order, starts = args[5:]
     if route == "op":
-        y, h = ops.lora_forward(x, w, bias, a, b, s, p, seed, ids, order, starts, backend)
+        y, h, _ = ops.lora_forward(x, w, bias, a, b, s, p, seed, ids, order, starts, backend, *DENSE, None, False)
     else:
-        y, h = ops.LoRAFunction.apply(x, w, bias, s, p, seed, ids, order, starts, backend, None, *a, *b)
+        y, h, _ = ops.LoRAFunction.apply(
+            x, w, bias, s, p, seed, ids, order, starts, backend, "dense", None, False, None, *a, *b
+        )
     assert not h.requires_grad, "H is for the backward only"
     dy = (torch.arange(y.numel(), dtype=torch.float64).reshape(y.shape) % 7 - 3).to(y)
     y.backward(dy)
@@ -164,9 +170,9 @@ def test_eager_route_present_decides_none():
     leaves = _leaves(t)
     s, p, seed, ids, order, starts = args[5:]
     present = [True, False, False]
-    y, _ = ops.LoRAFunction.apply(
-        leaves["x"], leaves["weight"], leaves["bias"], s, p, seed, ids, order, starts, "torch", present,
-        *leaves["lora_a"], *leaves["lora_b"],
+    y, _, _ = ops.LoRAFunction.apply(
+        leaves["x"], leaves["weight"], leaves["bias"], s, p, seed, ids, order, starts, "torch", "dense", None, False,
+        present, *leaves["lora_a"], *leaves["lora_b"],
     )  # fmt: skip
     y.sum().backward()
     assert [a.grad is None for a in leaves["lora_a"]] == [False, True, True]
@@ -181,7 +187,8 @@ def test_op_matches_reference(backend, case):
     ours = _leaves(t)
     s, _, _, ids, order, starts = args[5:]
     x, w, bias, a, b = (ours[n] for n in ("x", "weight", "bias", "lora_a", "lora_b"))
-    y, h = ops.lora_forward(x, w, bias, a, b, s, [0.0] * len(a), None, ids, order, starts, backend)
+    y, h, _ = ops.lora_forward(x, w, bias, a, b, s, [0.0] * len(a), None, ids, order, starts, backend, *DENSE, None,
+                               False)  # fmt: skip
     ref = {n: v.detach().double().cpu().requires_grad_() for n, v in t.items() if n in ("x", "weight", "bias")}
     ref_a = [v.detach().double().cpu().requires_grad_() for v in t["lora_a"]]
     ref_b = [v.detach().double().cpu().requires_grad_() for v in t["lora_b"]]
@@ -213,8 +220,8 @@ def test_op_dropout_is_a_function_of_the_seed(backend):
     t = lora_inputs(9, 16, 12, 3, torch.float32, device=DEVICE)
     s = torch.tensor([0.5], device=DEVICE)
     args = (t["x"], t["weight"], t["bias"], [t["lora_a"]], [t["lora_b"]], s, [0.4], torch.tensor(77), None, None, None)
-    first, _ = ops.lora_forward(*args, backend)
-    second, _ = ops.lora_forward(*args, backend)
-    other, _ = ops.lora_forward(*args[:7], torch.tensor(78), None, None, None, backend)
+    first, _, _ = ops.lora_forward(*args, backend, *DENSE, None, False)
+    second, _, _ = ops.lora_forward(*args, backend, *DENSE, None, False)
+    other, _, _ = ops.lora_forward(*args[:7], torch.tensor(78), None, None, None, backend, *DENSE, None, False)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert not torch.allclose(first, other, atol=1e-4)

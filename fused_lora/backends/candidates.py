@@ -53,6 +53,8 @@ class Call:
     lora_precision: str
     out: torch.Tensor | None = None
     h_out: torch.Tensor | None = None
+    column_scale: torch.Tensor | None = None  # DoRA (forward)
+    z_out: torch.Tensor | None = None  # DoRA: receives z = x W^T + s H B^T
 
     @property
     def row_args(self) -> dict:
@@ -74,9 +76,8 @@ def split_count(m: int, n: int, k: int, device) -> int:
 
 
 def _gemm(call: Call, *, dx: bool, compute_y: bool = True, **kwargs):
-    weight_t = call.weight if dx else call.weight.t()
     return lora_gemm(
-        call.x, weight_t, None if dx else call.bias, call.launch, dx=dx, compute_y=compute_y,
+        call.x, call.weight, None if dx else call.bias, call.launch, dx=dx, compute_y=compute_y,
         base_precision=call.base_precision, lora_precision=call.lora_precision, seed=call.seed,
         out=call.out, **call.row_args, **kwargs,
     )  # fmt: skip
@@ -99,11 +100,12 @@ def _into(pair, call: Call):
 
 
 def forward_fused(call: Call):
-    return _gemm(call, dx=False, h_out=call.h_out)
+    return _gemm(call, dx=False, h_out=call.h_out, col_scale=call.column_scale, z_out=call.z_out)
 
 
 def forward_prepass(call: Call):
-    return _gemm(call, dx=False, h_given=_shrink(call, dx=False))
+    h = _shrink(call, dx=False)
+    return _gemm(call, dx=False, h_given=h, col_scale=call.column_scale, z_out=call.z_out)
 
 
 def forward_splitk(call: Call):
@@ -113,7 +115,13 @@ def forward_splitk(call: Call):
 
 
 def forward_composed(call: Call):
-    return _into(torch_backend.forward(call.x, call.weight, call.bias, call.adapters, None), call)
+    keep_z = call.z_out is not None
+    out = torch_backend.forward(
+        call.x, call.weight, call.bias, call.adapters, None, column_scale=call.column_scale, keep_z=keep_z
+    )
+    if keep_z:
+        call.z_out.copy_(out[2])
+    return _into(out[:2], call)
 
 
 def grad_x_fused(call: Call, compute_dx: bool):
@@ -162,7 +170,7 @@ def eligible(kind: str, call: Call, m: int) -> list[str]:
     names = list(CANDIDATES[kind])
     if not call.composable:
         names.remove("composed")
-    if kind != "reduce" and (m > DECODE_ROWS or call.launch is None):
+    if kind != "reduce" and (m > DECODE_ROWS or call.launch is None or call.column_scale is not None):
         names.remove("splitk")
     if kind != "reduce" and call.launch is None:
         names = ["fused"]  # the plain GEMM: no shrink to place

@@ -15,6 +15,8 @@ adapter's p: the backward regenerates the same mask.
 
 import torch
 
+from ..quantized import QuantizedWeight
+
 
 def _uniform(m, k, seed, device):
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -79,10 +81,19 @@ def _skinny(m, adapters, like):
                        device=like.device)  # fmt: skip
 
 
-def forward(x, weight, bias, adapters, rows, seed=0):
-    """y = x W^T + bias + s_a H B_a^T and H = d A_a^T per row, d = dropout(x).
-    x: (M, K) -> (y: (M, N), H: (M, width))."""
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+def dense(weight) -> torch.Tensor:
+    """W as a tensor: a quantized base is decoded into a temporary (never
+    kept between calls)."""
+    return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+
+
+def forward(x, weight, bias, adapters, rows, seed=0, *, column_scale=None, keep_z=False):
+    """y = x W^T + bias + s_a H B_a^T and H = d A_a^T per row, d = dropout(x);
+    with DoRA's column scale c: y = c * z + bias, z the same without bias.
+    x: (M, K) -> (y: (M, N), H: (M, width)), and z: (M, N) when keep_z."""
+    weight = dense(weight)
+    scaled = column_scale is not None
+    y = torch.mm(x, weight.t()) if bias is None or scaled else torch.addmm(bias, x, weight.t())
     h = _skinny(x.shape[0], adapters, x)
     uniform = _uniform(*x.shape, seed, x.device) if adapters.has_dropout else None
     for a, idx in _each_adapter(adapters, rows):
@@ -91,6 +102,11 @@ def forward(x, weight, bias, adapters, rows, seed=0):
         h_a = torch.mm(d, lora_a.t())
         h[slice(None) if idx is None else idx, : lora_a.shape[0]] = h_a
         _add_rows_(y, idx, h_a, lora_b.t(), adapters.scalings[a])
+    if scaled:
+        z, y = y, y * column_scale.to(y.dtype)
+        if bias is not None:
+            y += bias
+        return (y, h, z) if keep_z else (y, h)
     return y, h
 
 
@@ -98,7 +114,7 @@ def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True):
     """G = s_a dY B_a per row (M, width), and dX = dY W + mask / (1 - p) * G A_a
     (M, K) when compute_dx."""
     g = _skinny(grad_y.shape[0], adapters, grad_y)
-    dx = torch.mm(grad_y, weight) if compute_dx else None
+    dx = torch.mm(grad_y, dense(weight)) if compute_dx else None
     uniform = _uniform(grad_y.shape[0], weight.shape[1], seed, grad_y.device) if adapters.has_dropout else None
     for a, idx in _each_adapter(adapters, rows):
         lora_a, lora_b, p = adapters.lora_a[a], adapters.lora_b[a], adapters.dropout_p[a]

@@ -44,7 +44,7 @@ def _precision(dtype: torch.dtype) -> str:
     return fp32_precision() if dtype == torch.float32 and not INTERPRETED else "ieee"
 
 
-def _call(x, weight, bias, adapters, rows, seed, out=None, h_out=None) -> Call:
+def _call(x, weight, bias, adapters, rows, seed, out=None, h_out=None, column_scale=None) -> Call:
     launch = None
     if adapters.count:
         if adapters.width > MAX_RANK:
@@ -54,7 +54,8 @@ def _call(x, weight, bias, adapters, rows, seed, out=None, h_out=None) -> Call:
             )
         launch = LaunchAdapters(*adapters, multi=rows is not None)
     lora_dtype = launch.dtype if launch else x.dtype
-    return Call(x, weight, bias, adapters, launch, rows, seed, _precision(x.dtype), _precision(lora_dtype), out, h_out)
+    precisions = _precision(x.dtype), _precision(lora_dtype)
+    return Call(x, weight, bias, adapters, launch, rows, seed, *precisions, out, h_out, column_scale)
 
 
 def _run(kind, call, m, *args, **kwargs):
@@ -64,10 +65,13 @@ def _run(kind, call, m, *args, **kwargs):
     return run(tuning.choose(kind, call, m, run))
 
 
-def forward(x, weight, bias, adapters, rows, seed=0, *, out=None, h_out=None):
-    call = _call(x, weight, bias, adapters, rows, seed, out, h_out)
+def forward(x, weight, bias, adapters, rows, seed=0, *, column_scale=None, keep_z=False, out=None, h_out=None):
+    call = _call(x, weight, bias, adapters, rows, seed, out, h_out, column_scale)
+    if keep_z:
+        call.z_out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
     y, h = _run("forward", call, x.shape[0])
-    return y, x.new_empty((x.shape[0], 0)) if h is None else h
+    h = x.new_empty((x.shape[0], 0)) if h is None else h
+    return (y, h, call.z_out) if keep_z else (y, h)
 
 
 def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True, out=None, g_out=None):

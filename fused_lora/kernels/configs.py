@@ -7,6 +7,7 @@ Shapes used throughout the kernels:
 """
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -81,6 +82,16 @@ SHRINK_CONFIGS = [
 # (seen in the compile report; the rest of the 255 hold operands, addresses
 # and the MMA fragments).
 ACCUMULATOR_REGISTERS = {"gemm": 80, "reduce": 64}
+
+
+@functools.cache
+def _current_arch() -> int | None:
+    """The current CUDA device as an architecture number (sm_90: 90), or None
+    without one."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
 
 
 def estimate_gemm_shared(config, r_pad: int, wide_dtype=torch.bfloat16, adapter_dtype=torch.bfloat16) -> int:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
+from . import configs, quant
 from .common import (
     INTERPRETED,
     LORA_A,
@@ -46,6 +46,7 @@ from .common import (
     tile_rows,
 )
 from .launch import launch
+from .quant import DENSE, weight_tile
 
 
 @triton.jit
@@ -114,10 +115,10 @@ def expand_term(term, scale, seed, rows, cols, row_p, DX: tl.constexpr, DROPOUT:
 @triton.jit
 def lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, y_ptr, h_ptr, down_ptr, up_ptr, scales_ptr,
-    order_ptr, ids_ptr, table_ptr, dropout_ptr,
-    M, N, K, R, NUM_ADAPTERS, M_BUCKET, seed, dropout_p,
+    order_ptr, ids_ptr, table_ptr, dropout_ptr, wq1_ptr, wq2_ptr, wq3_ptr, wq4_ptr, wq5_ptr, col_scale_ptr, z_ptr,
+    M, N, K, R, NUM_ADAPTERS, M_BUCKET, seed, dropout_p, w_scale_cols,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_bias, stride_ys, stride_ym, stride_yn,
-    stride_hs, stride_hm, stride_hr, stride_dk, stride_dr, stride_ur, stride_un,
+    stride_hs, stride_hm, stride_hr, stride_dk, stride_dr, stride_ur, stride_un, stride_zm, stride_zn,
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,  # False: the plain GEMM (the benchmark's triton-base row)
     SHRINK: tl.constexpr,  # True: the shrink in the K loop, H written; False: H given (the pre-pass's)
@@ -127,6 +128,12 @@ def lora_gemm_kernel(
     SORTED: tl.constexpr,  # MULTI: rows read through `order`
     DROPOUT: tl.constexpr,
     SPLIT_K: tl.constexpr,  # > 1: partial sums over K splits into y / h workspaces, summed by splitk_finish
+    W_FORMAT: tl.constexpr,  # quant.DENSE, or the quantized format W is decoded from (quant.py)
+    W_BLOCK: tl.constexpr,  # NF4: elements per absmax block
+    W_BLOCK2: tl.constexpr,  # NF4 nested: absmax values per nested block
+    NATIVE_FP8: tl.constexpr,  # FP8: the GPU converts e4m3 itself
+    COL_SCALE: tl.constexpr,  # DoRA: y = c * (x W^T + s H B^T) + bias, c (N,) per output column
+    Z_OUT: tl.constexpr,  # COL_SCALE: also store z = x W^T + s H B^T (the magnitude's gradient needs it)
     BASE_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
     LORA_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong
@@ -201,7 +208,13 @@ def lora_gemm_kernel(
         k_ok = ks < k_hi - k0
         x = tl.load(x_ptrs, mask=slot_ok[:, None] & k_ok[None, :], other=0.0)
         if COMPUTE_Y:
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if W_FORMAT == DENSE:
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            else:  # decoded in registers: W is never dense in memory
+                w = weight_tile(
+                    w_ptr, wq1_ptr, wq2_ptr, wq3_ptr, wq4_ptr, wq5_ptr, k0 + ks, cols, k_ok[:, None] & col_ok[None, :],
+                    stride_wk, stride_wn, w_scale_cols, W_FORMAT, W_BLOCK, W_BLOCK2, DX, NATIVE_FP8, x.dtype,
+                )  # fmt: skip
             acc = tl.dot(dot_operand(x, UPCAST), dot_operand(w, UPCAST), acc, input_precision=BASE_PRECISION)
         if fuse_shrink:
             d = tl.load(d_ptrs, mask=k_ok[:, None] & rank_ok[None, :], other=0.0)
@@ -258,6 +271,11 @@ def lora_gemm_kernel(
                 u = tl.load(u_ptrs, mask=(ranks < R)[:, None] & col_ok[None, :], other=0.0)
                 term = tl.dot(dot_operand(h, UPCAST), dot_operand(u, UPCAST), input_precision=LORA_PRECISION)
                 acc += expand_term(term, tl.load(scales_ptr), seed, rows, cols, row_p, DX, DROPOUT)
+        if COL_SCALE:
+            if Z_OUT:
+                z_ptrs = z_ptr + rows[:, None] * stride_zm + cols[None, :] * stride_zn
+                tl.store(z_ptrs, acc.to(z_ptr.dtype.element_ty), mask=slot_ok[:, None] & col_ok[None, :])
+            acc *= tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
         if HAS_BIAS and SPLIT_K == 1:  # splitk_finish adds it once
             acc += tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
         y_ptrs = y_ptr + split * stride_ys + rows[:, None] * stride_ym + cols[None, :] * stride_yn
@@ -308,33 +326,59 @@ def _prune(configs_, named_args, **kwargs):
 lora_gemm_tuned = triton.autotune(
     configs=configs.MULTI_GEMM_CONFIGS,
     key=["M_BUCKET", "N", "K", "R_PAD", "HAS_BIAS", "HAS_LORA", "SHRINK", "COMPUTE_Y", "DX", "MULTI", "SORTED",
-         "DROPOUT", "SPLIT_K", "BASE_PRECISION", "LORA_PRECISION", "ADAPTER_DTYPE"],
+         "DROPOUT", "SPLIT_K", "W_FORMAT", "COL_SCALE", "Z_OUT", "BASE_PRECISION", "LORA_PRECISION", "ADAPTER_DTYPE"],
     prune_configs_by={"early_config_prune": _prune},
     cache_results=True,
 )(lora_gemm_kernel)  # fmt: skip
 
 
+def _weight_args(weight, dx: bool):
+    """(the tensor the kernel reads W from, its (K, N) strides in the GEMM's
+    terms, the quantization tensors, w_scale_cols, format flags) for W
+    (N_out, K_in): W^T in the forward, W in dX. A quantized W is addressed as
+    its dense row-major layout (quant.py)."""
+    k_in = weight.shape[1]
+    if isinstance(weight, torch.Tensor):
+        strides = weight.stride() if dx else weight.t().stride()
+        return weight, strides, [], 0, dict(W_FORMAT=quant.DENSE, W_BLOCK=1, W_BLOCK2=1, NATIVE_FP8=False)
+    strides = (k_in, 1) if dx else (1, k_in)
+    parts = weight.parts()
+    if weight.format == "fp8":
+        per_tensor = weight.scale.dim() == 0
+        fmt = quant.FP8_PER_TENSOR if per_tensor else quant.FP8
+        native = not INTERPRETED and torch.cuda.get_device_capability(weight.device) >= (8, 9)
+        flags = dict(W_FORMAT=fmt, W_BLOCK=1, W_BLOCK2=1, NATIVE_FP8=native)
+        return weight.data.view(torch.uint8), strides, parts, triton.cdiv(k_in, 128), flags
+    fmt = quant.NF4_NESTED if weight.nested else quant.NF4
+    flags = dict(W_FORMAT=fmt, W_BLOCK=weight.blocksize, W_BLOCK2=weight.nested_blocksize, NATIVE_FP8=False)
+    return weight.data, strides, parts, 0, flags
+
+
 def lora_gemm(
-    x, weight_t, bias, adapters, *, dx, compute_y, base_precision, lora_precision, seed=0, order=None, ids=None,
-    h_given=None, split_k=1, out=None, h_out=None,
+    x, weight, bias, adapters, *, dx, compute_y, base_precision, lora_precision, seed=0, order=None, ids=None,
+    h_given=None, split_k=1, col_scale=None, z_out=None, out=None, h_out=None,
 ):  # fmt: skip
     """Launch the LoRA GEMM on checked 2-D inputs.
 
-    x: (M, K) (dY for dX); weight_t: (K, N), W^T in the forward or W in dX
-    (a view: no copy); bias: (N,) or None; adapters: a LaunchAdapters
-    (`adapters.py`), None for the plain GEMM; order / ids: the rows of a
-    multi-adapter batch (`order` None: unsorted), None for one adapter;
-    h_given: H (G in dX) from the shrink pre-pass (`shrink.py`), else the
-    shrink runs in the K loop; split_k > 1: K split over that many programs
-    per output tile, their partial sums added in a fixed order by a second
-    kernel (decode: small M leaves most SMs idle otherwise).
+    x: (M, K) (dY: (M, N_out) for dX); weight: the layer's W (N_out, K_in),
+    a tensor of any strides or a QuantizedWeight (decoded in the K loop):
+    the forward reads it as W^T, dX as W; bias: (N_out,) or None (forward
+    only); adapters: a LaunchAdapters (`adapters.py`), None for the plain
+    GEMM; order / ids: the rows of a multi-adapter batch (`order` None:
+    unsorted), None for one adapter; h_given: H (G in dX) from the shrink
+    pre-pass (`shrink.py`), else the shrink runs in the K loop; split_k > 1:
+    K split over that many programs per output tile, their partial sums
+    added in a fixed order by a second kernel (decode: small M leaves most
+    SMs idle otherwise); col_scale: DoRA's (N,) fp32 column scale c, so that
+    y = c * z + bias with z = x W^T + s H B^T, and z_out an (M, N) tensor
+    that receives z (forward, one adapter, no split).
 
     Returns (y: (M, N) in x's dtype, or None when not compute_y; h: (M, R)
     in the adapters' dtype: H in the forward, G in dX (h_given itself when
     given), or None without adapters). `out` / `h_out`: optional outputs.
     """
     m, k = x.shape
-    n = weight_t.shape[1]
+    n = weight.shape[1] if dx else weight.shape[0]
     y = None
     if compute_y:
         y = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
@@ -344,6 +388,8 @@ def lora_gemm(
     if m == 0 or (n == 0 and (h is None or h_given is not None)):
         return y, h
     if k == 0:  # no K loop: y = bias, H = 0
+        if z_out is not None:
+            z_out.zero_()
         if y is not None:
             y.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(y))
         if h is not None and h_given is None:
@@ -362,20 +408,24 @@ def lora_gemm(
     stand_in = x  # any tensor: for pointers the kernel never reads under these flags
     a = adapters.down(dx) if has_lora and not multi else stand_in
     b = adapters.up(dx) if has_lora and not multi else stand_in
+    w_data, w_strides, w_parts, w_scale_cols, w_flags = _weight_args(weight, dx)
+    w_parts = [*w_parts, *[stand_in] * (5 - len(w_parts))]
 
     def strides(t, dims):
         return (0,) * dims if t is None else ((0,) * (dims - t.dim())) + t.stride()
 
     args = (
-        x, weight_t, bias if bias is not None else stand_in, y_target if y is not None else stand_in,
+        x, w_data, bias if bias is not None else stand_in, y_target if y is not None else stand_in,
         h_target if h is not None else stand_in, a, b, adapters.scales if has_lora else stand_in,
         stand_in if order is None else order, stand_in if ids is None else ids,
-        *(adapters.table_args() if multi else (stand_in, stand_in)),
+        *(adapters.table_args() if multi else (stand_in, stand_in)), *w_parts,
+        stand_in if col_scale is None else col_scale, stand_in if z_out is None else z_out,
         m, n, k, adapters.width if has_lora else 1, adapters.count if has_lora else 1, configs.m_bucket(m),
-        seed, adapters.dropout_p if has_lora and not multi else 0.0,
-        *x.stride(), *weight_t.stride(), bias.stride(0) if bias is not None else 0,
+        seed, adapters.dropout_p if has_lora and not multi else 0.0, w_scale_cols,
+        *x.stride(), *w_strides, bias.stride(0) if bias is not None else 0,
         *strides(y_target if y is not None else None, 3), *strides(h_target, 3),
         *(a.stride() if has_lora and not multi else (0, 0)), *(b.stride() if has_lora and not multi else (0, 0)),
+        *(z_out.stride() if z_out is not None else (0, 0)),
     )  # fmt: skip
     flags = dict(
         HAS_BIAS=bias is not None,
@@ -387,6 +437,9 @@ def lora_gemm(
         SORTED=order is not None,
         DROPOUT=has_lora and adapters.has_dropout,
         SPLIT_K=split_k,
+        **w_flags,
+        COL_SCALE=col_scale is not None,
+        Z_OUT=z_out is not None,
         BASE_PRECISION=base_precision,
         LORA_PRECISION=lora_precision,
         UPCAST=INTERPRETED,
