@@ -79,7 +79,7 @@ CASES = [
     for multi in (False, True)
     for dropout in (False, True)
     for shape in SHAPES
-    if not (name == "composed" and (multi or dropout)) and not (name == "splitk" and shape[0] > 16)
+    if not (name == "composed" and (multi or dropout)) and not (name == "splitk" and shape[0] > 16) and name != "tma"
 ]
 
 
@@ -130,6 +130,44 @@ def test_prepass_and_splitk_in_every_dtype(kind, name, m, dtype, adapter_dtype):
             ref, ref_g = grad_x_reference(inputs, dy, factors)
             assert_matches_reference(dx, ref, dtype, "gradients", name=f"{name} dX")
             assert_matches_reference(g, ref_g, adapter_dtype, "gradients", name=f"{name} G")
+
+
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.bfloat16, (70, 48, 40)), (torch.float16, (33, 64, 24)),
+                                             (torch.bfloat16, (1, 16, 136))], ids=str)  # fmt: skip
+@pytest.mark.parametrize("dropout", [False, True], ids=["p0", "dropout"])
+def test_tma_candidate(dtype, shape, dropout, config):
+    """The persistent TMA GEMM (x and W through tensor descriptors, odd M, K
+    and N multiples of 8 as TMA needs) after the shrink pre-pass, forward and
+    dX (dX only without dropout: the candidate is not eligible there)."""
+    m, k, n = shape
+    inputs, adapters, rows, factors = problem(m, k, n, [5], dtype, dtype, False, dropout)
+    call = triton_backend._call(inputs["x"], inputs["weight"], inputs["bias"], adapters, rows, 0)
+    assert "tma" in eligible("forward", call, m)
+    with tuning.use(forward="tma", grad_x="tma"):
+        out = poisoned((m, n), dtype, DEVICE)
+        y, h = triton_backend.forward(inputs["x"], inputs["weight"], inputs["bias"], adapters, rows, 99, out=out)
+        ref, ref_h = forward_reference(inputs, factors)
+        assert y is out
+        assert_matches_reference(y, ref, dtype, name="y")
+        assert_matches_reference(h, ref_h, dtype, name="H")
+        dy = torch.randn(m, n, dtype=torch.float64).to(DEVICE, dtype)
+        call = triton_backend._call(dy, inputs["weight"], None, adapters, rows, 0)
+        assert ("tma" in eligible("grad_x", call, m)) == (not dropout)
+        dx, g = triton_backend.grad_x(dy, inputs["weight"], adapters, rows, 99)
+        ref, ref_g = grad_x_reference(inputs, dy, factors)
+        assert_matches_reference(dx, ref, dtype, "gradients", name="dX")
+        assert_matches_reference(g, ref_g, dtype, "gradients", name="G")
+
+
+def test_tma_needs_aligned_16bit_operands():
+    """TMA reads 16-byte-aligned rows: K = 37 in bf16 (74-byte rows), fp32
+    operands, many adapters and a quantized base are not eligible."""
+    for args, kwargs in [((300, 37, 40, 8, torch.bfloat16), {}), ((300, 48, 40, 8, torch.float32), {}),
+                         ((300, 48, 40, 8, torch.bfloat16), {"multi": True})]:  # fmt: skip
+        call = fake_call(*args, **kwargs)
+        assert "tma" not in eligible("forward", call, 300), (args, kwargs)
+    call = fake_call(300, 48, 40, 8, torch.bfloat16, torch.float32)
+    assert "tma" not in eligible("forward", call, 300), "fp32 adapters on bf16 x"
 
 
 @pytest.mark.parametrize(("name", "dropout"), [("kernel", False), ("kernel", True), ("composed", False)])

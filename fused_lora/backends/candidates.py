@@ -6,12 +6,14 @@ one of which `tuning.choose` picks per shape.
               prepass   the shrink pre-pass (H once per row: dropout and fp32
                         adapters paid once per element of x), then the GEMM
                         with the expand in its epilogue (strategy (b))
+              tma       the pre-pass, then a persistent TMA-fed GEMM (Hopper)
               splitk    decode (M <= 16): fused, K split over programs so that
                         every SM reads a share of W, summed in a fixed order
               composed  cuBLAS: addmm, the shrink GEMM, addmm_ in place
                         (Unsloth's path); one adapter, no dropout
     grad_x    fused     G formed in the dX GEMM's N loop (dY read once)
               prepass   G by the shrink kernel, then the dX GEMM
+              tma       G by the shrink kernel, then the persistent TMA GEMM
               splitk    decode
               composed  cuBLAS: G = s dY B, dX = dY W, addmm_(G, A)
     reduce    kernel    the split-M reduction kernel (dA, dB)
@@ -27,6 +29,7 @@ import dataclasses
 import torch
 import triton
 
+from ..kernels import gemm_tma
 from ..kernels.adapters import LaunchAdapters
 from ..kernels.common import INTERPRETED, num_sms
 from ..kernels.gemm import lora_gemm
@@ -108,6 +111,13 @@ def forward_prepass(call: Call):
     return _gemm(call, dx=False, h_given=h, col_scale=call.column_scale, z_out=call.z_out)
 
 
+def forward_tma(call: Call):
+    h = _shrink(call, dx=False)
+    y = gemm_tma.lora_gemm_tma(call.x, call.weight, call.bias, h, call.launch.up(False), call.launch.scales,
+                               dx=False, out=call.out)  # fmt: skip
+    return y, h
+
+
 def forward_splitk(call: Call):
     m, k = call.x.shape
     split = split_count(m, call.weight.shape[0], k, call.x.device)
@@ -131,6 +141,15 @@ def grad_x_fused(call: Call, compute_dx: bool):
 def grad_x_prepass(call: Call, compute_dx: bool):
     g = _shrink(call, dx=True)
     return _gemm(call, dx=True, h_given=g) if compute_dx else (None, g)
+
+
+def grad_x_tma(call: Call, compute_dx: bool):
+    g = _shrink(call, dx=True)
+    if not compute_dx:
+        return None, g
+    dx = gemm_tma.lora_gemm_tma(call.x, call.weight, None, g, call.launch.up(True), call.launch.scales, dx=True,
+                                out=call.out)  # fmt: skip
+    return dx, g
 
 
 def grad_x_splitk(call: Call, compute_dx: bool):
@@ -159,8 +178,20 @@ def reduce_composed(call: Call, wide, skinny, *, scaled: bool, out):
     return out.copy_(result.unsqueeze(0))
 
 
-FORWARD = {"fused": forward_fused, "prepass": forward_prepass, "splitk": forward_splitk, "composed": forward_composed}
-GRAD_X = {"fused": grad_x_fused, "prepass": grad_x_prepass, "splitk": grad_x_splitk, "composed": grad_x_composed}
+FORWARD = {
+    "fused": forward_fused,
+    "prepass": forward_prepass,
+    "tma": forward_tma,
+    "splitk": forward_splitk,
+    "composed": forward_composed,
+}
+GRAD_X = {
+    "fused": grad_x_fused,
+    "prepass": grad_x_prepass,
+    "tma": grad_x_tma,
+    "splitk": grad_x_splitk,
+    "composed": grad_x_composed,
+}
 REDUCE = {"kernel": reduce_kernel, "composed": reduce_composed}
 CANDIDATES = {"forward": FORWARD, "grad_x": GRAD_X, "reduce": REDUCE}
 
@@ -172,6 +203,18 @@ def eligible(kind: str, call: Call, m: int) -> list[str]:
         names.remove("composed")
     if kind != "reduce" and (m > DECODE_ROWS or call.launch is None or call.column_scale is not None):
         names.remove("splitk")
+    if kind != "reduce" and not _tma_eligible(kind, call):
+        names.remove("tma")
     if kind != "reduce" and call.launch is None:
         names = ["fused"]  # the plain GEMM: no shrink to place
     return names
+
+
+def _tma_eligible(kind: str, call: Call) -> bool:
+    """The persistent TMA GEMM: one adapter of x's 16-bit dtype, no DoRA, no
+    dropout in dX, operands TMA can read (gemm_tma.eligible)."""
+    if call.rows is not None or call.launch is None or call.column_scale is not None:
+        return False
+    if kind == "grad_x" and call.adapters.has_dropout:
+        return False
+    return gemm_tma.eligible(call.x, call.weight, call.launch.dtype, dx=kind == "grad_x")

@@ -204,3 +204,23 @@ def split_m(m: int, num_p_tiles: int, num_sms: int) -> int:
     wanted_splits = max(1, (2 * num_sms) // max(num_p_tiles, 1))
     rows = triton.cdiv(max(m, 1), wanted_splits)
     return triton.cdiv(rows, SPLIT_M_QUANTUM) * SPLIT_M_QUANTUM
+
+
+# The persistent TMA GEMM (Hopper): big tiles, deep pipelines.
+TMA_CONFIGS = [
+    triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s)
+    for m, n, k, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
+]
+
+
+def prune_tma(configs, *, r_pad: int, dtype) -> list:
+    """Keep the TMA configs whose stages fit sm_90's shared memory and whose
+    accumulator (plus the expand's H tile) fits in registers."""
+
+    def fits(c):
+        k = c.kwargs
+        shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize
+        registers = k["BLOCK_M"] * (k["BLOCK_N"] + r_pad) // (32 * c.num_warps)
+        return shared <= SHARED_MEMORY_LIMIT[90] and registers <= 2 * ACCUMULATOR_REGISTERS["gemm"]
+
+    return [c for c in configs if fits(c)] or [configs[-1]]
