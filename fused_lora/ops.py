@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import backends
 from .batch import Adapters, Rows
+from .kernels.adapters import padded_rows
 from .quantized import QuantizedWeight
 
 DENSE = "dense"
@@ -209,9 +210,10 @@ lora_grad_b = torch.library.custom_op("fused_lora::lora_grad_b", grad_b, mutates
 
 
 def _skinny(like, lora_a):
-    """An (M, max r) tensor in the adapters' dtype (H or G)."""
+    """An (M, max r) tensor in the adapters' dtype (H or G), with the
+    backends' layout: rows 16-byte aligned."""
     width = max((a.shape[0] for a in lora_a), default=0)
-    return like.new_empty((like.shape[0], width), dtype=lora_a[0].dtype if lora_a else like.dtype)
+    return padded_rows(like.shape[0], width, lora_a[0].dtype if lora_a else like.dtype, like.device)
 
 
 @lora_forward.register_fake

@@ -15,6 +15,7 @@ adapter's p: the backward regenerates the same mask.
 
 import torch
 
+from ..kernels.adapters import padded_rows
 from ..quantized import QuantizedWeight
 
 
@@ -77,8 +78,10 @@ def _add_into_(out, idx, value):
 
 
 def _skinny(m, adapters, like):
-    return torch.zeros((m, adapters.width), dtype=adapters.lora_a[0].dtype if adapters.count else like.dtype,
-                       device=like.device)  # fmt: skip
+    """H or G, zeros, laid out as the Triton backend lays them out (and the
+    custom ops' fakes describe): rows 16-byte aligned."""
+    dtype = adapters.lora_a[0].dtype if adapters.count else like.dtype
+    return padded_rows(m, adapters.width, dtype, like.device).zero_()
 
 
 def dense(weight) -> torch.Tensor:

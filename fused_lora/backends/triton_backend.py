@@ -17,7 +17,7 @@ gets a zero gradient. Each primitive runs one of its candidates
 import torch
 import triton
 
-from ..kernels.adapters import LaunchAdapters
+from ..kernels.adapters import LaunchAdapters, padded_rows
 from ..kernels.common import INTERPRETED, dropout_mask_kernel
 from . import tuning
 from .candidates import CANDIDATES, Call
@@ -70,7 +70,7 @@ def forward(x, weight, bias, adapters, rows, seed=0, *, column_scale=None, keep_
     if keep_z:
         call.z_out = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
     y, h = _run("forward", call, x.shape[0])
-    h = x.new_empty((x.shape[0], 0)) if h is None else h
+    h = padded_rows(x.shape[0], 0, x.dtype, x.device) if h is None else h
     return (y, h, call.z_out) if keep_z else (y, h)
 
 
@@ -78,7 +78,7 @@ def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True, out=None,
     # dX = dY W is the forward's GEMM with W (N, K) as its "W^T".
     call = _call(grad_y, weight, None, adapters, rows, seed, out, g_out)
     dx, g = _run("grad_x", call, grad_y.shape[0], compute_dx)
-    return dx, grad_y.new_empty((grad_y.shape[0], 0)) if g is None else g
+    return dx, padded_rows(grad_y.shape[0], 0, grad_y.dtype, grad_y.device) if g is None else g
 
 
 def _reduce(wide, skinny, adapters, rows, *, scaled, transpose, seed=0, out=None):

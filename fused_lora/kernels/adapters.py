@@ -51,9 +51,17 @@ class LaunchAdapters:
         self._keep = (lora_a, lora_b)  # the addresses in the table stay valid while this lives
 
     def down(self, dx: bool) -> torch.Tensor:
-        """One adapter's shrink matrix (K, R) in the GEMM's terms: A^T, or B in dX."""
+        """One adapter's shrink matrix (K, R) in the GEMM's terms: A^T, or B in
+        dX. B's rows are R elements apart; when that is not 16 bytes a
+        multiple, its tiles cannot load asynchronously in the dX loop, so B is
+        read from a copy with padded rows (N x R: a small copy per backward)."""
         lora_a, lora_b = self._keep
-        return lora_b[0] if dx else lora_a[0].t()
+        if not dx:
+            return lora_a[0].t()
+        b = lora_b[0]
+        if b.stride(1) == 1 and (b.stride(0) * b.element_size()) % 16 == 0:
+            return b
+        return padded_rows(b.shape[0], b.shape[1], b.dtype, b.device).copy_(b)
 
     def up(self, dx: bool) -> torch.Tensor:
         """One adapter's expand matrix (R, N): B^T, or A in dX."""
@@ -63,6 +71,15 @@ class LaunchAdapters:
     def table_args(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(entries (n, 3) int64, dropout p (n,) float) on the adapters' device."""
         return self._table
+
+
+def padded_rows(m: int, r: int, dtype, device) -> torch.Tensor:
+    """An (m, r) tensor whose rows start 16 bytes apart or a multiple of it
+    (a view of a wider buffer): loads of whole rows stay vectorised and
+    asynchronous whatever the rank."""
+    per_16_bytes = max(1, 16 // dtype.itemsize)
+    width = -(-max(r, 1) // per_16_bytes) * per_16_bytes
+    return torch.empty((m, width), dtype=dtype, device=device)[:, :r]
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from . import configs, quant
+from .adapters import padded_rows
 from .common import (
     INTERPRETED,
     LORA_A,
@@ -384,7 +385,7 @@ def lora_gemm(
         y = torch.empty((m, n), device=x.device, dtype=x.dtype) if out is None else out
     h = h_given
     if adapters is not None and h is None:
-        h = torch.empty((m, adapters.width), device=x.device, dtype=adapters.dtype) if h_out is None else h_out
+        h = padded_rows(m, adapters.width, adapters.dtype, x.device) if h_out is None else h_out
     if m == 0 or (n == 0 and (h is None or h_given is not None)):
         return y, h
     if k == 0:  # no K loop: y = bias, H = 0

@@ -15,11 +15,11 @@ Many adapters (MULTI): rows are read through `order`; a tile reduces each
 of its adapters over that adapter's rows (sorted rows: usually one).
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from . import configs
+from .adapters import padded_rows
 from .common import INTERPRETED, TL_DTYPES, accumulator_dtype, next_adapter, row_values, tile_rows
 from .gemm import down_matrix, shrink_rows
 from .launch import launch
@@ -91,7 +91,7 @@ def lora_shrink(x, adapters, *, dx, precision, seed=0, order=None, ids=None, out
     batch (None for one adapter). Returns H or G: (M, R) in the adapters'
     dtype, zeros past each row's rank and on rows without an adapter."""
     m, k = x.shape
-    h = torch.empty((m, adapters.width), device=x.device, dtype=adapters.dtype) if out is None else out
+    h = padded_rows(m, adapters.width, adapters.dtype, x.device) if out is None else out
     if m == 0:
         return h
     if k == 0:
