@@ -48,10 +48,12 @@ def per_call_us(rows, device: str, calls: int = 500, rounds: int = 15) -> dict[s
 def _peft_layer(k, n, r, device):
     """PEFT's own lora.Linear over an nn.Linear (the module a PEFT model holds), or None without peft."""
     try:
+        from peft import LoraConfig
         from peft.tuners.lora import Linear as PeftLinear
     except ImportError:
         return None
-    return PeftLinear(torch.nn.Linear(k, n, device=device), "default", r=r, lora_alpha=r, init_lora_weights=False)
+    config = LoraConfig(r=r, lora_alpha=r, init_lora_weights=False)
+    return PeftLinear(torch.nn.Linear(k, n, device=device), "default", config, r=r, lora_alpha=r)
 
 
 def _training_step(module, x):

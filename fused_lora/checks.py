@@ -64,12 +64,51 @@ def _is_weight(value) -> bool:
     return isinstance(value, torch.Tensor | QuantizedWeight)
 
 
+def _inputs_ok(x, weight, bias, lora_a, lora_b, scalings, dropout_p) -> bool:
+    """The common case of check_inputs, checked fast (this runs on every call,
+    and a call's host time matters at decode sizes): True means every check
+    passes; False sends the call through the checks that name the problem."""
+    tensor = torch.Tensor
+    if not (isinstance(x, tensor) and isinstance(weight, tensor) and x.dim() >= 1 and weight.dim() == 2):
+        return False
+    n, k = weight.shape
+    dtype, device = x.dtype, x.device
+    if x.shape[-1] != k or dtype not in FLOAT_DTYPES or weight.dtype != dtype or weight.device != device:
+        return False
+    if bias is not None and not (
+        isinstance(bias, tensor) and bias.shape == (n,) and bias.dtype == dtype and bias.device == device
+    ):
+        return False
+    if not lora_a:
+        return True
+    if not isinstance(lora_a[0], tensor):
+        return False
+    adapter_dtype = lora_a[0].dtype
+    if adapter_dtype != dtype and not (adapter_dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+        return False
+    for i in range(len(lora_a)):
+        a, b = lora_a[i], lora_b[i]
+        if not (isinstance(a, tensor) and isinstance(b, tensor) and a.dim() == 2 and b.dim() == 2):
+            return False
+        r = a.shape[0]
+        if r < 1 or a.shape[1] != k or b.shape != (n, r) or a.dtype != adapter_dtype or b.dtype != adapter_dtype:
+            return False
+        p = dropout_p[i]
+        if a.device != device or b.device != device or type(p) not in (float, int) or not 0 <= p < 1:
+            return False
+        if scalings is not None and not (type(scalings[i]) is float and math.isfinite(scalings[i])):
+            return False
+    return True
+
+
 def check_inputs(x, weight, bias, lora_a, lora_b, scalings, dropout_p, *, names):
     """x: (..., K), weight: (N, K), bias: (N,) or None; lora_a[i]: (r_i, K),
     lora_b[i]: (N, r_i), scalings[i] (finite) and dropout_p[i] floats (or
     scalings None: a tensor, checked by check_scaling_tensor), all adapters
     of one dtype; `names(kind, i)` is how the error names adapter i's
     argument ("lora_a" for one adapter, "lora_a[1]" for many)."""
+    if _inputs_ok(x, weight, bias, lora_a, lora_b, scalings, dropout_p):
+        return
     require_tensor("x", x)
     if not _is_weight(weight):
         raise TypeError(f"weight must be a torch.Tensor or a QuantizedWeight, got {type(weight).__name__}")

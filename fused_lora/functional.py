@@ -210,9 +210,10 @@ def _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale):
 
 def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids, column_scale=None):
     """Checked inputs -> y: the seed, the rows, then the op by its route."""
+    compiling = torch.compiler.is_compiling()
     seed_tensor = None
     if any(p > 0 for p in dropout_p):
-        if x.is_cuda and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        if x.is_cuda and not compiling and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "LoRA dropout cannot be captured in a CUDA graph: the seed is drawn on the host, so every replay "
                 "would reuse the mask of the capture (use eval mode, or dropout 0)"
@@ -224,10 +225,10 @@ def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids
         if adapter_ids.device != x.device and x.is_cuda and torch.cuda.is_current_stream_capturing():
             raise ValueError("adapter_ids must be on the GPU during CUDA graph capture (no host-to-device copy)")
         # Compiled graphs always sort: one graph for every number of tokens.
-        sort = torch.compiler.is_compiling() or adapter_ids.numel() > UNSORTED_MAX_ROWS
+        sort = compiling or adapter_ids.numel() > UNSORTED_MAX_ROWS
         grouped = group_rows(adapter_ids, len(lora_a), x.device, sort=sort)
         rows = (grouped.ids, grouped.order, grouped.starts)
-        if adapter_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if adapter_ids.device.type == "cpu" and not compiling:
             counts = torch.bincount(adapter_ids.to(torch.int64) + 1, minlength=len(lora_a) + 1).tolist()
             present = [c > 0 for c in counts[1:]]
     x2d = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # a view where the strides allow one
@@ -235,13 +236,13 @@ def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids
     keep_z = column_scale is not None and column_scale.requires_grad and torch.is_grad_enabled()
     args = (x2d, data, bias, lora_a, lora_b, scalings, [float(p) for p in dropout_p], seed_tensor, *rows,
             backends.requested(), spec, parts, column_scale, keep_z)  # fmt: skip
-    if torch.compiler.is_compiling() or x.device.type == "meta":
+    if compiling or x.device.type == "meta":
         y, _, _ = ops.lora_forward(*args)  # the custom op: Dynamo and AOTAutograd trace it; meta runs its fake
     elif torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, column_scale):
-        y, _, _ = ops.LoRAFunction.apply(*args[:3], *args[5:13], column_scale, keep_z, present, *lora_a, *lora_b,
-                                         *parts)  # fmt: skip
+        plan = ops.Plan(args[6], seed_tensor, *rows, args[11], spec, keep_z, present)
+        y, _ = ops.LoRAFunction.apply(plan, x2d, data, bias, scalings, column_scale, *lora_a, *lora_b, *parts)
     else:
-        y, _, _ = ops.forward(*args)  # inference: no graph to record, the implementation alone
+        y, _ = ops.run_forward(*args)  # inference: no graph to record, the implementation alone
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -250,7 +251,7 @@ def _as_tensor(scalings, device, adapter_dtype) -> torch.Tensor:
     (fp64 for fp64 adapters, else fp32). Floats are turned into one once per
     distinct value (cached): no host-to-device copy per call."""
     if isinstance(scalings, torch.Tensor):
-        return scalings.reshape(-1)
+        return scalings if scalings.dim() == 1 else scalings.reshape(-1)
     dtype = torch.float64 if adapter_dtype == torch.float64 else torch.float32
     values = tuple(float(s) for s in scalings)
     if torch.compiler.is_compiling():
@@ -275,7 +276,8 @@ def _any_requires_grad(x, weight, bias, lora_a, lora_b, column_scale=None) -> bo
 
 
 def _autocasting(x: torch.Tensor) -> bool:
-    return x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    # The process-wide flag first: one call, no device object, when autocast is off everywhere.
+    return torch._C._is_any_autocast_enabled() and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
 
 
 def _autocast(x, weight, bias, lora_a, lora_b):

@@ -38,8 +38,9 @@ functional API calls `LoRAFunction` (the same implementations and backward
 formula) when gradients are needed, and `forward` itself otherwise.
 """
 
+import contextlib
 import functools
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -61,12 +62,16 @@ def _outside_autocast(fn):
 
     @functools.wraps(fn)
     def run(first, *args):
-        if torch.is_autocast_enabled(first.device.type):
+        if _autocasting(first):
             with torch.autocast(first.device.type, enabled=False):
                 return fn(first, *args)
         return fn(first, *args)
 
     return run
+
+
+def _autocasting(t: Tensor) -> bool:
+    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(t.device.type)
 
 
 def _seed(seed: Tensor | None) -> int:
@@ -114,12 +119,21 @@ def forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """y = x W^T + bias + s_a * H B_a^T, H = dropout(x) A_a^T per row (with
     DoRA: y = c * (x W^T + s H B^T) + bias): x (M, K) -> y (M, N), H (M, max r), z."""
+    out = run_forward(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, ids, order, starts, backend,
+                      weight_spec, weight_parts, column_scale, keep_z)  # fmt: skip
+    return out if keep_z else (*out, x.new_empty((0,)))
+
+
+@_outside_autocast
+def run_forward(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, ids, order, starts, backend, weight_spec,
+                weight_parts, column_scale, keep_z):  # fmt: skip
+    """forward's work: (y, H), and z when keep_z (the eager inference route
+    calls it directly, without allocating an empty z)."""
     adapters = Adapters(lora_a, lora_b, scalings, dropout_p)
     weight = _weight(weight, weight_spec, weight_parts)
-    out = backends.select(x, backend).forward(
+    return backends.select(x, backend).forward(
         x, weight, bias, adapters, _rows(ids, order, starts), _seed(seed), column_scale=column_scale, keep_z=keep_z
     )
-    return out if keep_z else (*out, x.new_empty((0,)))
 
 
 @_outside_autocast
@@ -246,9 +260,6 @@ def _(grad_y, h, lora_a, lora_b, *_):
 
 # ---- autograd: one formula, over the ops (compiled) or the implementations (eager) ----
 
-OPS = SimpleNamespace(grad_x=lora_grad_x, grad_g=lora_grad_g, grad_a=lora_grad_a, grad_b=lora_grad_b)
-IMPLEMENTATIONS = SimpleNamespace(grad_x=grad_x, grad_g=grad_g, grad_a=grad_a, grad_b=grad_b)
-
 
 def save_for_backward(ctx, inputs, output, needs):
     """Save x (only if an A or W needs a gradient), W, the adapters, the
@@ -263,7 +274,68 @@ def save_for_backward(ctx, inputs, output, needs):
     ctx.dropout_p, ctx.backend, ctx.count, ctx.weight_spec = dropout_p, backend, len(lora_a), spec
 
 
-def backward_formula(ctx, grad_y, needs, prims):
+class _Saved:
+    """What the backward reads from ctx, unpacked once."""
+
+    def __init__(self, ctx):
+        self.x, self.weight, self.h, self.seed, ids, order, starts, self.scalings, self.c, self.z, *rest = (
+            ctx.saved_tensors
+        )
+        n = ctx.count
+        self.lora_a, self.lora_b, self.weight_parts = rest[:n], rest[n : 2 * n], rest[2 * n :]
+        self.rows, self.dropout_p, self.backend, self.weight_spec = (
+            (ids, order, starts),
+            ctx.dropout_p,
+            ctx.backend,
+            ctx.weight_spec,
+        )
+
+
+class _OpPrimitives:
+    """The backward's primitives as custom ops (what a compiled graph records)."""
+
+    def __init__(self, saved: _Saved):
+        self.s = saved
+
+    def grad_x(self, grad_y, compute_dx):
+        s = self.s
+        common = (s.lora_a, s.lora_b, s.scalings)
+        tail = (*s.rows, s.backend, s.weight_spec, s.weight_parts)
+        if compute_dx:
+            return lora_grad_x(grad_y, s.weight, *common, s.dropout_p, s.seed, *tail)
+        return None, lora_grad_g(grad_y, s.weight, *common, *tail)
+
+    def grad_a(self, g):
+        s = self.s
+        return lora_grad_a(s.x, g, s.lora_a, s.lora_b, s.scalings, s.dropout_p, s.seed, *s.rows, s.backend)
+
+    def grad_b(self, grad_y):
+        s = self.s
+        return lora_grad_b(grad_y, s.h, s.lora_a, s.lora_b, s.scalings, *s.rows, s.backend)
+
+
+class _EagerPrimitives:
+    """The same primitives called on the backend directly, the adapters, rows
+    and weight built once (eager: a call's host time matters)."""
+
+    def __init__(self, saved: _Saved, like: Tensor):
+        self.s = saved
+        self.backend = backends.select(like, saved.backend)
+        self.adapters = Adapters(saved.lora_a, saved.lora_b, saved.scalings, saved.dropout_p)
+        self.rows, self.seed = _rows(*saved.rows), _seed(saved.seed)
+        self.weight = _weight(saved.weight, saved.weight_spec, saved.weight_parts)
+
+    def grad_x(self, grad_y, compute_dx):
+        return self.backend.grad_x(grad_y, self.weight, self.adapters, self.rows, self.seed, compute_dx=compute_dx)
+
+    def grad_a(self, g):
+        return self.backend.grad_a(self.s.x, g, self.adapters, self.rows, self.seed)
+
+    def grad_b(self, grad_y):
+        return self.backend.grad_b(grad_y, self.s.h, self.adapters, self.rows)
+
+
+def backward_formula(saved: _Saved, grad_y, needs, prims):
     """Backward (dY: (M, N)); each adapter's terms sum over its own rows:
     G  = s_a dY B_a          (M, R)   formed with dX, in one launch
     dX = dY W + D (G A_a)    (M, K)   D = mask / (1 - p), or 1 without dropout
@@ -273,28 +345,23 @@ def backward_formula(ctx, grad_y, needs, prims):
     DoRA (column scale c): dc = sum_m dY * z, and the terms above take
     dY * c in place of dY (n, in c = m / n, is a constant of the backward).
     Returns (dX, dW, dbias, [dA_a], [dB_a], dc); a gradient not needed is None."""
-    x, weight, h, seed, ids, order, starts, s, c, z, *rest = ctx.saved_tensors
-    n = ctx.count
-    lora_a, lora_b, w = rest[:n], rest[n : 2 * n], (ctx.weight_spec, rest[2 * n :])
     need_x, need_w, need_bias, need_a, need_b, need_c = needs
-    p, backend, rows = ctx.dropout_p, ctx.backend, (ids, order, starts)
     grad_x = grad_w = grad_bias = grads_a = grads_b = grad_c = None
+    c = saved.c
     if need_c:
-        grad_c = (grad_y.float() * z.float()).sum(0).to(c.dtype)
+        grad_c = (grad_y.float() * saved.z.float()).sum(0).to(c.dtype)
     if need_bias:
         grad_bias = grad_y.sum(0)
     if c is not None:
         grad_y = grad_y * c.to(grad_y.dtype)
-    if need_x:
-        grad_x, g = prims.grad_x(grad_y, weight, lora_a, lora_b, s, p, seed, *rows, backend, *w)
-    elif need_a:
-        g = prims.grad_g(grad_y, weight, lora_a, lora_b, s, *rows, backend, *w)
+    if need_x or need_a:
+        grad_x, g = prims.grad_x(grad_y, need_x)
     if need_a:
-        grads_a = prims.grad_a(x, g, lora_a, lora_b, s, p, seed, *rows, backend)
+        grads_a = prims.grad_a(g)
     if need_b:
-        grads_b = prims.grad_b(grad_y, h, lora_a, lora_b, s, *rows, backend)
+        grads_b = prims.grad_b(grad_y)
     if need_w:
-        grad_w = torch.mm(grad_y.t(), x)
+        grad_w = torch.mm(grad_y.t(), saved.x)
     return grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c
 
 
@@ -326,7 +393,10 @@ def _op_backward(ctx, grad_y, _grad_h, _grad_z):
     if grad_y is None:  # y did not reach the loss
         return (None,) * 13 + (weight_parts, None, None)
     need_a, need_b = ctx.needs_input_grad[3:5]
-    grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c = backward_formula(ctx, grad_y, ctx.needs, OPS)
+    saved = _Saved(ctx)
+    grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c = backward_formula(
+        saved, grad_y, ctx.needs, _OpPrimitives(saved)
+    )
     grads_a = [g if need else None for g, need in zip(grads_a or [None] * ctx.count, need_a, strict=True)]
     grads_b = [g if need else None for g, need in zip(grads_b or [None] * ctx.count, need_b, strict=True)]
     return grad_x, grad_w, grad_bias, grads_a, grads_b, *(None,) * 8, weight_parts, grad_c, None
@@ -335,46 +405,63 @@ def _op_backward(ctx, grad_y, _grad_h, _grad_z):
 lora_forward.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+class Plan(NamedTuple):
+    """What an eager call passes LoRAFunction besides the tensors autograd
+    tracks (fewer arguments to apply: each one costs host time)."""
+
+    dropout_p: list[float]
+    seed: Tensor | None
+    ids: Tensor | None
+    order: Tensor | None
+    starts: Tensor | None
+    backend: str
+    weight_spec: str
+    keep_z: bool
+    present: list[bool] | None  # which adapters have rows; None: read from the rows when needed
+
+
 class LoRAFunction(torch.autograd.Function):
     """lora_forward's autograd for eager calls, without the dispatcher's
     Python layers: the same implementations, saved tensors and formula.
     Autograd only sees tensors passed directly, so the adapters and the
-    weight's parts come last, flattened: apply(x, W, bias, s, p[], seed, ids,
-    order, starts, backend, Wspec, c, keep_z, present, *A, *B, *Wparts).
-    `present` (which adapters have rows; None: read from the rows when
-    needed) decides which adapters get None, not zeros."""
+    weight's parts come last, flattened: apply(plan, x, W, bias, s, c, *A,
+    *B, *Wparts). `plan.present` decides which adapters get None (no rows)
+    rather than zeros."""
 
-    FIRST_ADAPTER = 14  # the index of A_0 in apply's arguments
+    FIRST_ADAPTER = 6  # the index of A_0 in apply's arguments
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scalings, p, seed, ids, order, starts, backend, spec, c, keep_z, present, *lora):
-        n = len(p)
-        lora_a, lora_b, parts = list(lora[:n]), list(lora[n : 2 * n]), list(lora[2 * n :])
-        inputs = (x, weight, bias, lora_a, lora_b, scalings, p, seed, ids, order, starts, backend, spec, parts, c)
-        output = forward(*inputs, keep_z)
-        save_for_backward(ctx, (*inputs, keep_z), output, _needs(x, weight, bias, lora_a, lora_b, c))
-        ctx.needs, ctx.present = _needs(x, weight, bias, lora_a, lora_b, c), present
-        ctx.mark_non_differentiable(output[1], output[2])
+    def forward(ctx, plan, x, weight, bias, scalings, column_scale, *tensors):
+        n = len(plan.dropout_p)
+        lora_a, lora_b, parts = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        inputs = (x, weight, bias, lora_a, lora_b, scalings, plan.dropout_p, plan.seed, plan.ids, plan.order,
+                  plan.starts, plan.backend, plan.weight_spec, parts, column_scale, plan.keep_z)  # fmt: skip
+        y, h, *z = run_forward(*inputs)
+        ctx.needs, ctx.present = _needs(x, weight, bias, lora_a, lora_b, column_scale), plan.present
+        save_for_backward(ctx, inputs, (y, h, z[0] if z else None), ctx.needs)
+        ctx.mark_non_differentiable(h)
         ctx.set_materialize_grads(False)
-        return output
+        return y, h
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_h, _grad_z):
+    def backward(ctx, grad_y, _grad_h):
         n, first = ctx.count, LoRAFunction.FIRST_ADAPTER
         if grad_y is None:
             return (None,) * len(ctx.needs_input_grad)
-        grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c = backward_formula(ctx, grad_y, ctx.needs, IMPLEMENTATIONS)
+        saved = _Saved(ctx)
+        with torch.autocast(grad_y.device.type, enabled=False) if _autocasting(grad_y) else contextlib.nullcontext():
+            grads = backward_formula(saved, grad_y, ctx.needs, _EagerPrimitives(saved, grad_y))
+        grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c = grads
         present = ctx.present
-        ids, order, starts = ctx.saved_tensors[4:7]
-        if present is None and ids is not None and not _capturing(grad_y):
-            present = Rows(ids, order, starts).present(n)  # eager: an adapter without rows gets None
+        if present is None and saved.rows[0] is not None and not _capturing(grad_y):
+            present = Rows(*saved.rows).present(n)  # eager: an adapter without rows gets None
         grads = [*(grads_a or [None] * n), *(grads_b or [None] * n)]
         grads = [
             g if need and (present is None or present[i % n]) else None
             for i, (g, need) in enumerate(zip(grads, ctx.needs_input_grad[first : first + 2 * n], strict=True))
         ]
         parts = [None] * (len(ctx.needs_input_grad) - first - 2 * n)
-        return grad_x, grad_w, grad_bias, *(None,) * 8, grad_c, None, None, *grads, *parts
+        return None, grad_x, grad_w, grad_bias, None, grad_c, *grads, *parts
 
 
 def _capturing(t: Tensor) -> bool:

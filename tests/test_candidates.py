@@ -115,9 +115,11 @@ def test_gemm_candidates_match_reference(kind, name, multi, dropout, shape, conf
 @pytest.mark.parametrize(("dtype", "adapter_dtype"), DTYPE_PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize(("kind", "name", "m"), [("forward", "prepass", 33), ("forward", "splitk", 5),
                                                  ("grad_x", "prepass", 33), ("grad_x", "splitk", 5)])  # fmt: skip
-def test_prepass_and_splitk_in_every_dtype(kind, name, m, dtype, adapter_dtype):
-    """The pre-pass shrink and the split-K sum in 16-bit and with fp32 adapters."""
-    inputs, adapters, rows, factors = problem(m, 100, 70, [16, 5], dtype, adapter_dtype, True, False)
+@pytest.mark.parametrize("ranks", [[16, 5], [5]], ids=["many", "one-r5"])
+def test_prepass_and_splitk_in_every_dtype(kind, name, m, dtype, adapter_dtype, ranks):
+    """The pre-pass shrink and the split-K sum in 16-bit and with fp32
+    adapters, H and G allocated inside (rows padded to 16 bytes: r = 5)."""
+    inputs, adapters, rows, factors = problem(m, 100, 70, ranks, dtype, adapter_dtype, len(ranks) > 1, False)
     with tuning.use(**{kind: name}):
         if kind == "forward":
             y, h = triton_backend.forward(inputs["x"], inputs["weight"], inputs["bias"], adapters, rows)

@@ -134,9 +134,8 @@ def _run(route, t, args, backend):
     if route == "op":
         y, h, _ = ops.lora_forward(x, w, bias, a, b, s, p, seed, ids, order, starts, backend, *DENSE, None, False)
     else:
-        y, h, _ = ops.LoRAFunction.apply(
-            x, w, bias, s, p, seed, ids, order, starts, backend, "dense", None, False, None, *a, *b
-        )
+        plan = ops.Plan(p, seed, ids, order, starts, backend, "dense", False, None)
+        y, h = ops.LoRAFunction.apply(plan, x, w, bias, s, None, *a, *b)
     assert not h.requires_grad, "H is for the backward only"
     dy = (torch.arange(y.numel(), dtype=torch.float64).reshape(y.shape) % 7 - 3).to(y)
     y.backward(dy)
@@ -170,10 +169,9 @@ def test_eager_route_present_decides_none():
     leaves = _leaves(t)
     s, p, seed, ids, order, starts = args[5:]
     present = [True, False, False]
-    y, _, _ = ops.LoRAFunction.apply(
-        leaves["x"], leaves["weight"], leaves["bias"], s, p, seed, ids, order, starts, "torch", "dense", None, False,
-        present, *leaves["lora_a"], *leaves["lora_b"],
-    )  # fmt: skip
+    plan = ops.Plan(p, seed, ids, order, starts, "torch", "dense", False, present)
+    y, _ = ops.LoRAFunction.apply(plan, leaves["x"], leaves["weight"], leaves["bias"], s, None,
+                                     *leaves["lora_a"], *leaves["lora_b"])  # fmt: skip
     y.sum().backward()
     assert [a.grad is None for a in leaves["lora_a"]] == [False, True, True]
     assert Rows(ids, order, starts).present(3) == [True, False, True]

@@ -90,12 +90,38 @@ def dense(weight) -> torch.Tensor:
     return weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
 
 
+def _scaling(scalings):
+    """One adapter's scaling as addmm_'s alpha: a float for a CPU tensor
+    (reading it costs no sync), else the tensor itself."""
+    return scalings.item() if scalings.device.type == "cpu" else scalings[0]
+
+
+def _skinny_layout(h):
+    """H or G (contiguous from a GEMM) in the layout of _skinny."""
+    if (h.stride(0) * h.element_size()) % 16 == 0 or h.shape[0] <= 1:
+        return h
+    return padded_rows(*h.shape, h.dtype, h.device).copy_(h)
+
+
+def _forward_one(x, weight, bias, lora_a, lora_b, scaling):
+    """One adapter, no dropout, no DoRA: the common case on its shortest path."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    h = torch.nn.functional.linear(x if x.dtype == lora_a.dtype else x.to(lora_a.dtype), lora_a)
+    if lora_b.dtype == y.dtype and isinstance(scaling, float):
+        y.addmm_(h, lora_b.t(), alpha=scaling)
+    else:
+        y.add_(torch.mm(h, lora_b.t()).mul_(scaling))
+    return y, _skinny_layout(h)
+
+
 def forward(x, weight, bias, adapters, rows, seed=0, *, column_scale=None, keep_z=False):
     """y = x W^T + bias + s_a H B_a^T and H = d A_a^T per row, d = dropout(x);
     with DoRA's column scale c: y = c * z + bias, z the same without bias.
     x: (M, K) -> (y: (M, N), H: (M, width)), and z: (M, N) when keep_z."""
     weight = dense(weight)
     scaled = column_scale is not None
+    if not scaled and _one_plain(adapters, rows):
+        return _forward_one(x, weight, bias, adapters.lora_a[0], adapters.lora_b[0], _scaling(adapters.scalings))
     y = torch.mm(x, weight.t()) if bias is None or scaled else torch.addmm(bias, x, weight.t())
     h = _skinny(x.shape[0], adapters, x)
     uniform = _uniform(*x.shape, seed, x.device) if adapters.has_dropout else None
@@ -116,6 +142,18 @@ def forward(x, weight, bias, adapters, rows, seed=0, *, column_scale=None, keep_
 def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True):
     """G = s_a dY B_a per row (M, width), and dX = dY W + mask / (1 - p) * G A_a
     (M, K) when compute_dx."""
+    if _one_plain(adapters, rows):  # the common case's shortest path
+        lora_a, lora_b = adapters.lora_a[0], adapters.lora_b[0]
+        dy = grad_y if grad_y.dtype == lora_b.dtype else grad_y.to(lora_b.dtype)
+        g = torch.mm(dy, lora_b).mul_(_scaling(adapters.scalings))
+        if not compute_dx:
+            return None, _skinny_layout(g)
+        dx = torch.mm(grad_y, dense(weight))
+        if lora_a.dtype == dx.dtype:
+            dx.addmm_(g, lora_a)
+        else:
+            dx.add_(torch.mm(g, lora_a))
+        return dx, _skinny_layout(g)
     g = _skinny(grad_y.shape[0], adapters, grad_y)
     dx = torch.mm(grad_y, dense(weight)) if compute_dx else None
     uniform = _uniform(grad_y.shape[0], weight.shape[1], seed, grad_y.device) if adapters.has_dropout else None
@@ -132,9 +170,16 @@ def grad_x(grad_y, weight, adapters, rows, seed=0, *, compute_dx=True):
     return dx, g
 
 
+def _one_plain(adapters, rows) -> bool:
+    """One adapter without dropout: the shortest paths apply."""
+    return rows is None and adapters.count == 1 and adapters.dropout_p[0] == 0
+
+
 def grad_a(x, g, adapters, rows, seed=0):
     """dA_a = G_a^T d_a: (r_a, K) per adapter, d = dropout(x), zeros for an
     adapter without rows."""
+    if _one_plain(adapters, rows):
+        return [torch.mm(g.t(), x if x.dtype == g.dtype else x.to(g.dtype))]
     grads = [torch.zeros_like(a) for a in adapters.lora_a]
     uniform = _uniform(*x.shape, seed, x.device) if adapters.has_dropout else None
     for a, idx in _each_adapter(adapters, rows):
@@ -146,6 +191,9 @@ def grad_a(x, g, adapters, rows, seed=0):
 
 def grad_b(grad_y, h, adapters, rows):
     """dB_a = s_a dY_a^T H_a: (N, r_a) per adapter, zeros for one without rows."""
+    if _one_plain(adapters, rows):
+        dy = grad_y if grad_y.dtype == h.dtype else grad_y.to(h.dtype)
+        return [torch.mm(dy.t(), h).mul_(_scaling(adapters.scalings))]
     grads = [torch.zeros_like(b) for b in adapters.lora_b]
     for a, idx in _each_adapter(adapters, rows):
         r = adapters.lora_b[a].shape[1]

@@ -286,13 +286,13 @@ def lora_gemm_kernel(
 @triton.jit
 def splitk_finish_kernel(
     ys_ptr, hs_ptr, bias_ptr, y_ptr, h_ptr,
-    M, N, R, stride_ys, stride_bias, stride_hs,
+    M, N, R, stride_ys, stride_bias, stride_hs, stride_ym, stride_yn, stride_hm, stride_hr,
     HAS_BIAS: tl.constexpr, HAS_H: tl.constexpr, SPLIT_K: tl.constexpr, R_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """y = the split-K partial sums, added in split order (deterministic),
     plus the bias, rounded once; H likewise. The workspaces are contiguous
-    (SPLIT_K, M, N) / (SPLIT_K, M, R) fp32; y and H contiguous."""
+    (SPLIT_K, M, N) / (SPLIT_K, M, R) fp32; y and H through their strides."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rows < M)[:, None] & (cols < N)[None, :]
@@ -301,7 +301,8 @@ def splitk_finish_kernel(
         acc += tl.load(ys_ptr + s * stride_ys + rows[:, None] * N + cols[None, :], mask=ok, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols * stride_bias, mask=cols < N, other=0.0).to(acc.dtype)[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty), mask=ok)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
     if HAS_H:
         if tl.program_id(1) == 0:
             ranks = tl.arange(0, R_PAD)
@@ -309,7 +310,8 @@ def splitk_finish_kernel(
             h = tl.zeros((BLOCK_M, R_PAD), dtype=hs_ptr.dtype.element_ty)
             for s in range(SPLIT_K):
                 h += tl.load(hs_ptr + s * stride_hs + rows[:, None] * R + ranks[None, :], mask=h_ok, other=0.0)
-            tl.store(h_ptr + rows[:, None] * R + ranks[None, :], h.to(h_ptr.dtype.element_ty), mask=h_ok)
+            h_ptrs = h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr
+            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=h_ok)
 
 
 def _prune(configs_, named_args, **kwargs):
@@ -461,7 +463,8 @@ def lora_gemm(
         splitk_finish_kernel[grid](
             y_target, h_target if fused else stand_in, bias if bias is not None else stand_in, y,
             h if fused else stand_in, m, n, adapters.width if has_lora else 1, y_target.stride(0),
-            bias.stride(0) if bias is not None else 0, h_target.stride(0) if fused else 0,
+            bias.stride(0) if bias is not None else 0, h_target.stride(0) if fused else 0, *y.stride(),
+            *(h.stride() if fused else (0, 0)),
             HAS_BIAS=bias is not None, HAS_H=fused, SPLIT_K=split_k, R_PAD=flags["R_PAD"], **finish,
         )  # fmt: skip
     return y, h
