@@ -3,6 +3,7 @@
 from .backends import set_backend
 from .functional import dropout_mask, lora_linear, multi_lora_linear
 from .integrations.adapter_files import load_adapter, save_adapter
+from .integrations.hotswap import hotswap_adapter, prepare_for_hotswap
 from .integrations.model import adapter_names, apply_lora, count_parameters, merge_and_unload, unload
 from .integrations.peft import from_peft, to_peft
 from .layers import LoRALinear, MultiLoRALinear, lora_scaling
@@ -15,11 +16,13 @@ __all__ = [
     "count_parameters",
     "dropout_mask",
     "from_peft",
+    "hotswap_adapter",
     "load_adapter",
     "lora_linear",
     "lora_scaling",
     "merge_and_unload",
     "multi_lora_linear",
+    "prepare_for_hotswap",
     "save_adapter",
     "set_backend",
     "to_peft",

@@ -2,6 +2,7 @@
 for nn.Linear over a frozen base weight, with PEFT's parameter names."""
 
 import math
+import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
 
@@ -23,9 +24,33 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_rank(r) -> None:
+def is_conv1d(module) -> bool:
+    """True for transformers' Conv1D (GPT-2 and relatives): y = x W + b with W
+    stored (in, out), PEFT's fan_in_fan_out. Looked up only when transformers
+    is imported already: without it no Conv1D can exist."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    return utils is not None and isinstance(module, utils.Conv1D)
+
+
+def base_features(module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a Conv1D (weight (in, out))."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+@torch.no_grad()
+def copy_padded(target: torch.Tensor, source: torch.Tensor) -> None:
+    """target <- source in its leading corner, zeros elsewhere, in place: an
+    adapter of rank r into tensors of a larger rank (A (R, in), B (out, R))."""
+    target.zero_()
+    target[tuple(slice(0, size) for size in source.shape)].copy_(source)
+
+
+def check_rank(r, name: str = "r") -> None:
+    """A positive int (a bool is not one), else a ValueError naming the argument."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive integer, got {r!r}")
+        raise ValueError(f"{name} must be a positive integer, got {r!r}")
 
 
 def _is_pissa(init) -> bool:
@@ -38,7 +63,8 @@ def _is_pissa(init) -> bool:
 def init_adapter(lora_a: nn.Linear, lora_b: nn.Linear, init_lora_weights) -> None:
     """PEFT's inits: True = A kaiming-uniform and B zero (the layer starts
     equal to the base layer), "gaussian" = A normal(0, 1/r) and B zero,
-    False = both left with nn.Linear's random init (a non-zero update)."""
+    False = both left with nn.Linear's random init (a non-zero update).
+    A lora_B bias (lora_bias) is zeroed with B."""
     if init_lora_weights is False:
         return
     if init_lora_weights == "gaussian":
@@ -46,27 +72,32 @@ def init_adapter(lora_a: nn.Linear, lora_b: nn.Linear, init_lora_weights) -> Non
     else:
         nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
     nn.init.zeros_(lora_b.weight)
+    if lora_b.bias is not None:
+        nn.init.zeros_(lora_b.bias)
 
 
 class _FrozenBase(nn.Module):
     """What both LoRA layers share: the base layer's `weight` (out, in) and
-    `bias` (out,), frozen and shared with the nn.Linear they came from, the
-    scalings as a non-persistent float buffer (data that a compiled graph
-    reads, so changing a scaling needs no recompile; fp32, fp64 for fp64
-    adapters, whatever .to(dtype) does to the module), and merge / unmerge
-    of an update into the weight."""
+    `bias` (out,), frozen and shared with the nn.Linear they came from (or,
+    for LoRALinear, with a transformers Conv1D: `weight` (in, out),
+    fan_in_fan_out), the scalings as a non-persistent float buffer (data
+    that a compiled graph reads, so changing a scaling needs no recompile;
+    fp32, fp64 for fp64 adapters, whatever .to(dtype) does to the module),
+    and merge / unmerge of an update into the weight and bias."""
 
-    def _init_base(self, linear: nn.Linear) -> None:
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+    def _init_base(self, linear: nn.Module, accept_conv1d: bool = False) -> None:
+        self.fan_in_fan_out = accept_conv1d and is_conv1d(linear)
+        if not isinstance(linear, nn.Linear) and not self.fan_in_fan_out:
+            expected = "an nn.Linear or a transformers Conv1D" if accept_conv1d else "an nn.Linear"
+            raise TypeError(f"linear must be {expected}, got {type(linear).__name__}")
         self.weight = linear.weight
         self.bias = linear.bias
+        self.out_features, self.in_features = self.linear_weight.shape
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self._unmerged_weight: torch.Tensor | None = None
+        self._unmerged_bias: torch.Tensor | None = None
         self._scaling_values: list[float] = []
         self.register_buffer("_scalings", self._scalings_tensor(self.weight.dtype), persistent=False)
 
@@ -88,25 +119,38 @@ class _FrozenBase(nn.Module):
         return self
 
     @property
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight as nn.Linear holds it, (out, in): `weight` itself,
+        or its transpose (a view, no copy) for a Conv1D base (fan_in_fan_out)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
     def merged(self) -> bool:
         return self._unmerged_weight is not None
 
     @torch.no_grad()
-    def _merge_delta(self, delta: torch.Tensor) -> None:
-        """W <- W + delta in place on the (possibly shared) weight, computed
-        in float32 (float64 for a float64 weight) and rounded once. The
-        original W is kept (a copy) so that unmerge() restores it bit for bit."""
+    def _merge_delta(self, delta: torch.Tensor, bias_delta: torch.Tensor | None = None) -> None:
+        """W <- W + delta (delta in `weight`'s layout) and bias <- bias +
+        bias_delta, in place on the (possibly shared) tensors, computed in
+        float32 (float64 for a float64 weight) and rounded once. The originals
+        are kept (copies) so that unmerge() restores them bit for bit."""
         self._unmerged_weight = self.weight.detach().clone()
         wide = torch.promote_types(self.weight.dtype, torch.float32)
         self.weight.copy_(self.weight.to(wide) + delta.to(wide))
+        if bias_delta is not None:
+            self._unmerged_bias = self.bias.detach().clone()
+            self.bias.copy_(self.bias.to(wide) + bias_delta.to(wide))
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the weight saved by merge(), exactly."""
+        """Restore the weight (and bias) saved by merge(), exactly."""
         if not self.merged:
             return
         self.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
+        if self._unmerged_bias is not None:
+            self.bias.copy_(self._unmerged_bias)
+            self._unmerged_bias = None
 
     def _delta(self, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
         wide = torch.promote_types(self.weight.dtype, torch.float32)
@@ -114,27 +158,39 @@ class _FrozenBase(nn.Module):
 
 
 class LoRALinear(_FrozenBase):
-    """y = x W^T + b + scaling * (d A^T) B^T, with W and b frozen and
+    """y = x W^T + b + scaling * ((d A^T) B^T + b_B), with W and b frozen and
     d = dropout(x) on the LoRA branch in training mode.
 
     Parameters, named as in PEFT: `weight` (out, in) and `bias` (out,) frozen;
-    `lora_A.weight` (r, in) and `lora_B.weight` (out, r) trainable.
+    `lora_A.weight` (r, in) and `lora_B.weight` (out, r) trainable, and with
+    lora_bias=True `lora_B.bias` (out,) = b_B, trainable (PEFT's lora_bias:
+    the layer adds scaling * b_B, also over a base layer without a bias).
     scaling = lora_alpha / r (lora_alpha / sqrt(r) with use_rslora); it reads
     as a float and can be set (it is kept as data, see _FrozenBase).
     lora_dropout: in training mode, dropout with this p on the LoRA branch's
     input, fused into the kernels (the backward regenerates the mask from a
     seed drawn per call); none in eval mode.
 
-    init_lora_weights: True (default) = A kaiming-uniform, B zero, so the
-    layer starts equal to the base layer; "gaussian" = A normal(0, 1/r), B
-    zero; "pissa" (PiSSA, as PEFT) = A and B from the top-r singular triplets
-    of W, so that scaling * B A is W's best rank-r part, and W replaced in
-    place by the residual W - scaling * B A (the output is unchanged, but the
-    base weight, possibly shared, changes); "pissa_niter_<n>" = the same from
-    torch.svd_lowrank with n subspace iterations (faster, randomised); False =
-    both left with nn.Linear's random init (a non-zero update, for tests).
+    init_lora_weights: True (default) = A kaiming-uniform, B (and b_B) zero,
+    so the layer starts equal to the base layer; "gaussian" = A normal(0,
+    1/r), B zero; "pissa" (PiSSA, as PEFT) = A and B from the top-r singular
+    triplets of W, so that scaling * B A is W's best rank-r part, and W
+    replaced in place by the residual W - scaling * B A (the output is
+    unchanged, but the base weight, possibly shared, changes);
+    "pissa_niter_<n>" = the same from torch.svd_lowrank with n subspace
+    iterations (faster, randomised); False = all left with nn.Linear's random
+    init (a non-zero update, for tests). lora_bias needs True or False, as
+    in PEFT.
     lora_dtype: the adapters' dtype (default: the layer's);
     float32 adapters on a bf16 / fp16 layer compute the LoRA branch in fp32.
+
+    fan_in_fan_out (read-only) is True for a layer made by from_linear from
+    a transformers Conv1D (GPT-2): `weight` is then that Conv1D's (in, out)
+    Parameter, shared as it is, and `linear_weight` its (out, in) view.
+
+    r is the rank of the adapter the layer holds (what scaling, PEFT's config
+    and save_adapter use); max_rank, the rank of the lora_A / lora_B tensors,
+    is larger only after prepare_for_hotswap padded them with zeros.
     """
 
     def __init__(
@@ -151,30 +207,35 @@ class LoRALinear(_FrozenBase):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         lora_dtype: torch.dtype | None = None,
+        lora_bias: bool = False,
     ):
         super().__init__()
         # The base layer exactly as nn.Linear builds it, then frozen.
         self._init_base(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype))
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype, lora_bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **lora_kwargs) -> "LoRALinear":
-        """Wrap an existing nn.Linear; lora_kwargs are the constructor's
-        keyword arguments (r, lora_alpha, lora_dropout, use_rslora,
-        init_lora_weights, lora_dtype). The new layer shares (does not copy)
-        the linear's weight and bias Parameters and freezes them; merge()
-        changes that shared weight in place, as PEFT does."""
+    def from_linear(cls, linear: nn.Module, **lora_kwargs) -> "LoRALinear":
+        """Wrap an existing nn.Linear, or a transformers Conv1D (GPT-2's
+        layers, weight stored (in, out): the layer has fan_in_fan_out=True);
+        lora_kwargs are the constructor's keyword arguments (r, lora_alpha,
+        lora_dropout, use_rslora, init_lora_weights, lora_dtype, lora_bias).
+        The new layer shares (does not copy) the module's weight and bias
+        Parameters and freezes them; merge() changes them in place, as PEFT
+        does."""
         layer = cls.__new__(cls)
         _FrozenBase.__init__(layer)
-        layer._init_base(linear)
+        layer._init_base(linear, accept_conv1d=True)
         layer._init_lora(**lora_kwargs)
         return layer
 
     @staticmethod
-    def check_arguments(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights):
+    def check_arguments(
+        in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=False
+    ):
         """Raise, naming the argument, for LoRA arguments the layer cannot take
         (apply_lora checks every module this way before changing any)."""
-        _check_rank(r)
+        check_rank(r)
         lora_scaling(r, lora_alpha, use_rslora)  # a NaN or infinite lora_alpha raises here
         check_dropout("lora_dropout", lora_dropout)
         if init_lora_weights not in INITS and not _is_pissa(init_lora_weights):
@@ -184,25 +245,48 @@ class LoRALinear(_FrozenBase):
             )
         if _is_pissa(init_lora_weights) and r > min(in_features, out_features):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} needs r <= min(in, out), got r={r}")
+        if not isinstance(lora_bias, bool):
+            raise TypeError(f"lora_bias must be a bool, got {type(lora_bias).__name__}")
+        if lora_bias and init_lora_weights not in (True, False):
+            raise ValueError(
+                f"lora_bias=True needs init_lora_weights True or False (as in PEFT), got {init_lora_weights!r}"
+            )
 
     def _init_lora(
-        self, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False, init_lora_weights=True, lora_dtype=None
+        self,
+        r=8,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        use_rslora=False,
+        init_lora_weights=True,
+        lora_dtype=None,
+        lora_bias=False,
     ):
         self.check_arguments(
-            self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights
+            self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias
         )
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
         self.use_rslora = use_rslora
-        kwargs = dict(bias=False, device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
-        self.lora_A = nn.Linear(self.in_features, r, **kwargs)
-        self.lora_B = nn.Linear(r, self.out_features, **kwargs)
+        kwargs = dict(device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **kwargs)
+        self.lora_B = nn.Linear(r, self.out_features, bias=lora_bias, **kwargs)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.reset_lora_parameters(init_lora_weights)
 
     def _adapter_dtype(self) -> torch.dtype:
         return self.lora_A.weight.dtype
+
+    @property
+    def lora_bias(self) -> bool:
+        """PEFT's lora_bias: whether lora_B has a bias b_B (out,)."""
+        return self.lora_B.bias is not None
+
+    @property
+    def max_rank(self) -> int:
+        """The rank of the lora_A / lora_B tensors: r, or what prepare_for_hotswap padded them to."""
+        return self.lora_A.weight.shape[0]
 
     @property
     def scaling(self) -> float:
@@ -221,16 +305,21 @@ class LoRALinear(_FrozenBase):
     def reset_lora_parameters(self, init_lora_weights: bool | str = True) -> None:
         """Initialise A and B as PEFT does (see the class docstring). "pissa"
         also rewrites the weight in place (the residual)."""
+        if self.max_rank != self.r:
+            raise ValueError(
+                f"the adapter tensors are padded to max_rank={self.max_rank} for hot-swapping (r={self.r}): "
+                "load an adapter into them with hotswap_adapter instead"
+            )
+        self.check_arguments(
+            self.in_features, self.out_features, self.r, self.lora_alpha, 0.0, False, init_lora_weights, self.lora_bias
+        )
         # Remembered for adapter configs: a PiSSA adapter only fits PiSSA's residual weight.
         self.init_lora_weights = init_lora_weights
         if not _is_pissa(init_lora_weights):
             init_adapter(self.lora_A, self.lora_B, init_lora_weights)
             return
-        self.check_arguments(
-            self.in_features, self.out_features, self.r, self.lora_alpha, 0.0, False, init_lora_weights
-        )
         # The SVD runs in fp32 (fp64 stays fp64) whatever W's dtype; W is rounded once, at the end.
-        w = self.weight.to(torch.promote_types(self.weight.dtype, torch.float32))
+        w = self.linear_weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         if init_lora_weights == "pissa":
             u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
             u, sigma, vh = u[:, : self.r], sigma[: self.r], vh[: self.r]
@@ -243,32 +332,86 @@ class LoRALinear(_FrozenBase):
         lora_a, lora_b = root @ vh, u @ root
         self.lora_A.weight.copy_(lora_a)
         self.lora_B.weight.copy_(lora_b)
-        self.weight.copy_(w - (self.scaling * lora_b) @ lora_a)
+        self.linear_weight.copy_(w - (self.scaling * lora_b) @ lora_a)
+
+    @torch.no_grad()
+    def pad_rank(self, max_rank: int) -> None:
+        """Grow lora_A to (max_rank, in) and lora_B to (out, max_rank), the new
+        rows / columns zero, so that hotswap_adapter can later load adapters
+        of any rank up to max_rank in place. The output is unchanged, and r
+        stays the adapter's rank. The tensors become new Parameters (same
+        requires_grad): pad before building an optimizer or compiling."""
+        check_rank(max_rank, "max_rank")
+        if max_rank < self.r:
+            raise ValueError(f"max_rank must be >= the adapter's rank r={self.r}, got {max_rank}")
+        if max_rank <= self.max_rank:
+            return
+        for module, dim in ((self.lora_A, 0), (self.lora_B, 1)):
+            old = module.weight
+            shape = list(old.shape)
+            shape[dim] = max_rank
+            padded = old.new_empty(shape)
+            copy_padded(padded, old)
+            module.weight = nn.Parameter(padded, requires_grad=old.requires_grad)
+        self.lora_A.out_features = self.lora_B.in_features = max_rank
 
     def get_delta_weight(self) -> torch.Tensor:
-        """scaling * B A: (out, in), in float32 (float64 for a float64 layer)."""
-        return self._delta(self.lora_A, self.lora_B, self.scaling)
+        """scaling * B A in `weight`'s layout ((out, in); (in, out) for a
+        Conv1D base, as PEFT's), in float32 (float64 for a float64 layer)."""
+        delta = self._delta(self.lora_A, self.lora_B, self.scaling)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def check_mergeable(self) -> None:
+        """Raise RuntimeError, as PEFT does, where merge() cannot fold the
+        adapter into the base layer: lora_bias over a base without a bias."""
+        if self.lora_bias and self.bias is None:
+            raise RuntimeError(
+                "cannot merge: lora_bias=True adds scaling * lora_B.bias to the base bias, and the base layer has "
+                "no bias (PEFT refuses this merge too)"
+            )
 
     def merge(self) -> None:
-        """W <- W + scaling * B A, in place on the (possibly shared) weight,
-        computed in float32 (float64 for a float64 layer) and rounded once.
-        The original W is kept (a copy) so that unmerge() restores it bit for
-        bit. A merged layer's forward is one GEMM."""
-        if not self.merged:
-            self._merge_delta(self.get_delta_weight())
+        """W <- W + scaling * B A (and bias <- bias + scaling * b_B with
+        lora_bias), in place on the (possibly shared) tensors, computed in
+        float32 (float64 for a float64 layer) and rounded once. The originals
+        are kept (copies) so that unmerge() restores them bit for bit. A
+        merged layer's forward is one GEMM."""
+        if self.merged:
+            return
+        self.check_mergeable()
+        delta = self.get_delta_weight()
+        self._merge_delta(delta, self.scaling * self.lora_B.bias.to(delta.dtype) if self.lora_bias else None)
+
+    def _forward_bias(self) -> torch.Tensor | None:
+        """The bias the fused op adds: the base bias, plus scaling * b_B with
+        lora_bias (an N-element op in float32 or wider, rounded once to the
+        layer's dtype; autograd carries scaling * sum(dY) back to b_B)."""
+        if not self.lora_bias:
+            return self.bias
+        shift = self._scalings * self.lora_B.bias  # (1,) * (N,): the scaling stays data under torch.compile
+        return (shift if self.bias is None else self.bias + shift).to(self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:  # the update is already in W
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.linear_weight, self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0  # eval mode has no dropout
         return lora_linear(
-            x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self._scalings, dropout_p=dropout_p
+            x,
+            self.linear_weight,
+            self._forward_bias(),
+            self.lora_A.weight,
+            self.lora_B.weight,
+            self._scalings,
+            dropout_p=dropout_p,
         )
 
     def extra_repr(self) -> str:
+        extras = ", lora_bias=True" if self.lora_bias else ""
+        extras += ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        extras += f", max_rank={self.max_rank}" if self.max_rank != self.r else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+            f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}{extras}, merged={self.merged}"
         )
 
 
@@ -362,7 +505,7 @@ class MultiLoRALinear(_FrozenBase):
         the layer's; all adapters of a layer share one)."""
         if not isinstance(name, str) or not name or "." in name or name == BASE_ONLY:
             raise ValueError(f"adapter name must be a non-empty str without '.', not {BASE_ONLY!r}; got {name!r}")
-        _check_rank(r)
+        check_rank(r)
         check_dropout("lora_dropout", lora_dropout)
         lora_scaling(r, lora_alpha, use_rslora)  # a NaN or infinite lora_alpha raises here
         if init_lora_weights not in INITS:
@@ -387,6 +530,11 @@ class MultiLoRALinear(_FrozenBase):
         (out, r) modules (shared, not copied: from_peft uses it), with
         `scaling` (default lora_alpha / r, or / sqrt(r) with use_rslora)."""
         r, dtype = lora_a.weight.shape[0], lora_a.weight.dtype
+        if lora_b.bias is not None:
+            raise NotImplementedError(
+                f"adapter {name!r}: lora_B has a bias (lora_bias=True), which MultiLoRALinear does not support "
+                "(LoRALinear does: one adapter per layer)"
+            )
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} exists already; remove_adapter({name!r}) first")
         if self.lora_A and dtype != self._adapter_dtype():
@@ -409,8 +557,9 @@ class MultiLoRALinear(_FrozenBase):
 
     def adapter_view(self, name: str) -> SimpleNamespace:
         """Adapter `name` with LoRALinear's attribute names (r, lora_alpha,
-        lora_dropout, use_rslora, scaling, init_lora_weights, lora_A, lora_B):
-        what a PEFT config or an adapter file reads."""
+        lora_dropout, use_rslora, scaling, init_lora_weights, lora_bias,
+        fan_in_fan_out, lora_A, lora_B): what a PEFT config or an adapter file
+        reads."""
         return SimpleNamespace(
             r=self.r[name],
             lora_alpha=self.lora_alpha[name],
@@ -418,6 +567,8 @@ class MultiLoRALinear(_FrozenBase):
             use_rslora=self.use_rslora[name],
             scaling=self.scaling[name],
             init_lora_weights=True,
+            lora_bias=False,
+            fan_in_fan_out=False,
             lora_A=self.lora_A[name],
             lora_B=self.lora_B[name],
         )

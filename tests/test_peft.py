@@ -20,6 +20,18 @@ transformers = pytest.importorskip(
 from conftest import DEVICE  # noqa: E402
 from helpers import assert_matches_reference  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from tiny_models import (  # noqa: E402
+    _torch_backend_unless_parametrized,  # noqa: F401 (an autouse fixture)
+    assert_outputs_and_gradients_equal_peft,
+    assert_same_logits,
+    copy_adapters,
+    logits,
+    peft_layer,
+    randomize_adapters,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+)
 
 import fused_lora  # noqa: E402
 from fused_lora import (  # noqa: E402
@@ -31,68 +43,6 @@ from fused_lora import (  # noqa: E402
     to_peft,
 )
 from fused_lora.integrations.model import lora_layers, multi_lora_layers  # noqa: E402
-
-VOCAB = 128
-
-
-@pytest.fixture(autouse=True)
-def _torch_backend_unless_parametrized(request):
-    """Tests that take the `backend` fixture run on both backends; the others test
-    conversions and files, not kernels, and run on the torch backend on a CPU
-    (the interpreter is slow) and on the Triton kernels on a GPU."""
-    if "backend" in request.fixturenames:
-        yield
-        return
-    with fused_lora.set_backend("auto" if torch.cuda.is_available() else "torch"):
-        yield
-
-
-def tiny_llama(dtype=torch.float32):
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype).eval()
-
-
-def token_ids():
-    return torch.randint(0, VOCAB, (2, 9), device=DEVICE)
-
-
-@torch.no_grad()
-def randomize_adapters(model):
-    """Trained-looking adapters (never B = 0), PEFT's or ours: A (r, in) and B (out, r)."""
-    for name, p in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name:
-            p.copy_(torch.randn_like(p) * p.shape[1] ** -0.5)
-
-
-def peft_layer(peft_model, name, adapter="default"):
-    module = peft_model.get_base_model().get_submodule(name)
-    return module, module.lora_A[adapter].weight, module.lora_B[adapter].weight
-
-
-@torch.no_grad()
-def copy_adapters(peft_model, model):
-    for name, layer in lora_layers(model).items():
-        _, a, b = peft_layer(peft_model, name)
-        layer.lora_A.weight.copy_(a)
-        layer.lora_B.weight.copy_(b)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def assert_same_logits(out, ref, dtype):
-    assert_matches_reference(out, ref.double(), dtype, name="logits")
-
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -114,21 +64,8 @@ def peft_and_ours(dtype, lora_dtype=torch.float32):
 
 def test_model_outputs_and_gradients_equal_peft(backend):
     peft_model, ours = peft_and_ours(torch.float32)
-    ids = token_ids()
-    grad = torch.randn(2, 9, VOCAB, device=DEVICE)
-    out, ref = ours(ids).logits, peft_model(ids).logits
-    (out * grad).sum().backward()
-    (ref * grad).sum().backward()
-    assert_same_logits(out, ref, torch.float32)
-    for name, layer in lora_layers(ours).items():
-        _, a, b = peft_layer(peft_model, name)
-        assert layer.r == a.shape[0] == (3 if "down" in name else 4)
-        assert_matches_reference(
-            layer.lora_A.weight.grad, a.grad.double(), torch.float32, "gradients", name=f"{name} dA"
-        )
-        assert_matches_reference(
-            layer.lora_B.weight.grad, b.grad.double(), torch.float32, "gradients", name=f"{name} dB"
-        )
+    assert {layer.r for layer in lora_layers(ours).values()} == {3, 4}
+    assert_outputs_and_gradients_equal_peft(ours, peft_model)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -376,9 +313,7 @@ def test_what_is_not_supported_is_refused(tmp_path):
         load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     for field, value in [
-        ("fan_in_fan_out", True),
         ("use_dora", True),
-        ("lora_bias", True),
         ("modules_to_save", ["lm_head"]),
         ("layers_to_transform", [0]),
         ("bias", "all"),
@@ -390,14 +325,22 @@ def test_what_is_not_supported_is_refused(tmp_path):
             load_adapter(copy.deepcopy(base), tmp_path)
 
 
-def test_gpt2_conv1d_is_refused():
-    """GPT-2's Conv1D stores W transposed (PEFT's fan_in_fan_out): not an nn.Linear."""
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="Conv1D"):
-        apply_lora(copy.deepcopy(gpt2), ["c_attn"])
-    peft_model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    with pytest.raises(NotImplementedError, match="fan_in_fan_out"):
-        from_peft(peft_model)
+def test_lora_bias_and_conv1d_with_several_adapters_are_refused():
+    """MultiLoRALinear has neither lora_bias nor Conv1D bases (one adapter converts to LoRALinear,
+    which has both: tests/test_peft_parity.py). from_peft refuses, naming the layer, before
+    converting any: q_proj (checked first, fine) stays PEFT's when v_proj is refused."""
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    biased = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    biased.add_adapter("other", LoraConfig(r=2, target_modules=["v_proj"], lora_bias=True))
+    with pytest.raises(NotImplementedError, match=r"layers\.0\.self_attn\.v_proj: lora_bias with several adapters"):
+        from_peft(biased)
+    assert isinstance(biased.get_base_model().model.layers[0].self_attn.q_proj, PeftLoraLinear)
+
+    gpt2 = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]), adapter_name="one")
+    gpt2.add_adapter("two", LoraConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(NotImplementedError, match=r"c_attn: a Conv1D base \(fan_in_fan_out\) with several adapters"):
+        from_peft(gpt2)
 
 
 # ---- several adapters -----------------------------------------------------------

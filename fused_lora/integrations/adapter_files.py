@@ -7,9 +7,12 @@ On disk (what `PeftModel.save_pretrained` writes and `PeftModel.from_pretrained`
                                         init_lora_weights, rank_pattern / alpha_pattern, ...
     <path>/adapter_model.safetensors    base_model.model.<module name>.lora_A.weight  (r, in)
                                         base_model.model.<module name>.lora_B.weight  (out, r)
+                                        base_model.model.<module name>.lora_B.bias    (out,)
+                                            (only with lora_bias)
 
-One adapter per directory, on nn.Linear layers, without DoRA, lora_bias,
-fan_in_fan_out (GPT-2's Conv1D), modules_to_save or layers_to_transform:
+One adapter per directory, on nn.Linear or transformers Conv1D layers
+(fan_in_fan_out: A and B have the same shapes as for nn.Linear), with or
+without lora_bias, without DoRA, modules_to_save or layers_to_transform:
 anything else is refused with an error that names it. A model of
 MultiLoRALinear layers saves one named adapter at a time.
 """
@@ -24,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..layers import lora_scaling
+from ..layers import copy_padded, lora_scaling
 from .model import apply_lora, lora_layers, multi_lora_layers, pattern_value, select_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -35,8 +38,6 @@ PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the model: the prefix 
 # any true value is refused (their defaults are all false).
 UNSUPPORTED_FIELDS = (
     "use_dora",
-    "lora_bias",
-    "fan_in_fan_out",
     "modules_to_save",
     "layers_to_transform",
     "exclude_modules",
@@ -69,7 +70,7 @@ def adapter_views(model: nn.Module, adapter: str | None = None) -> dict:
     its LoRALinear layers (adapter None), or one named adapter of its
     MultiLoRALinear layers (the layers that have it). Each has r,
     lora_alpha, lora_dropout, use_rslora, scaling, init_lora_weights,
-    lora_A and lora_B."""
+    lora_bias, fan_in_fan_out, lora_A and lora_B."""
     if adapter is None:
         return lora_layers(model)
     return {
@@ -141,7 +142,8 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict:
         "lora_dropout": _one_value(layers, "lora_dropout"),
         "use_rslora": _one_value(layers, "use_rslora"),
         "bias": "none",
-        "fan_in_fan_out": False,
+        # One value for the model; PEFT corrects it per layer from the module's type. True when any is a Conv1D.
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
         # A PiSSA adapter says so, as PEFT's own files do: loading it onto the original base weights
         # redoes the SVD and so rebuilds the residual the adapter was trained against.
         "init_lora_weights": inits.pop() if len(inits) == 1 else True,
@@ -151,15 +153,50 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict:
         "rank_pattern": _pattern(layers, "r", r),
         "alpha_pattern": _pattern(layers, "lora_alpha", alpha),
         "use_dora": False,
-        "lora_bias": False,
+        "lora_bias": _one_value(layers, "lora_bias"),
+    }
+
+
+def layer_settings(config: dict, name: str) -> tuple[int, float, float]:
+    """(r, lora_alpha, scaling) that the adapter config gives the module `name` (its patterns, else r / lora_alpha)."""
+    r = pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+    alpha = pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+    return r, alpha, lora_scaling(r, alpha, config.get("use_rslora", False))
+
+
+def _parameters(layer) -> list[tuple[str, torch.Tensor]]:
+    """The adapter's Parameters by PEFT's key suffix: lora_A.weight, lora_B.weight, with lora_bias lora_B.bias."""
+    params = [("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight)]
+    return params + ([("lora_B.bias", layer.lora_B.bias)] if layer.lora_bias else [])
+
+
+def adapter_keys(name: str, layer) -> list[str]:
+    """The keys (as read_adapter returns them) that hold layer `name`'s adapter."""
+    return [f"{name}.{suffix}" for suffix, _ in _parameters(layer)]
+
+
+def _saved_tensors(name: str, layer) -> dict[str, torch.Tensor]:
+    """Layer `name`'s adapter as the file holds it: rank r, also when prepare_for_hotswap padded its tensors."""
+    r, lora_a, lora_b = layer.r, layer.lora_A.weight, layer.lora_B.weight
+    if lora_a.shape[0] > r and (lora_a[r:].any() or lora_b[:, r:].any()):
+        raise ValueError(
+            f"layer {name!r}: lora_A / lora_B are padded to rank {lora_a.shape[0]} (prepare_for_hotswap) and hold "
+            f"non-zero values past the adapter's rank r={r}: they are not an adapter of rank {r}"
+        )
+    ranked = {"lora_A.weight": lora_a[:r], "lora_B.weight": lora_b[:, :r]}
+    return {
+        f"{PREFIX}{name}.{suffix}": ranked.get(suffix, param).detach().cpu().contiguous()
+        for suffix, param in _parameters(layer)
     }
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> None:
     """Write the model's LoRA adapter to the directory `path` (created if
     needed) in PEFT's format: `PeftModel.from_pretrained(base_model, path)`
-    loads it. Only the adapters are written (r x in + out x r per layer).
-    A model of MultiLoRALinear layers names the adapter to write.
+    loads it. Only the adapters are written (r x in + out x r per layer,
+    plus b_B (out,) with lora_bias), at the adapters' rank r also where
+    prepare_for_hotswap padded the tensors. A model of MultiLoRALinear
+    layers names the adapter to write.
 
     A PiSSA adapter is saved with init_lora_weights="pissa", as PEFT saves
     one: load it onto the original base model (the SVD is redone on load),
@@ -167,8 +204,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     config = adapter_config(model, adapter)
     tensors = {}
     for name, layer in adapter_views(model, adapter).items():
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().cpu().contiguous()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().cpu().contiguous()
+        tensors.update(_saved_tensors(name, layer))
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -177,7 +213,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of the adapter in the directory `path`, checked.
-    Tensors are keyed by module name + ".lora_A" / ".lora_B"."""
+    Tensors are keyed by module name + ".lora_A.weight", ".lora_B.weight"
+    or ".lora_B.bias" (PEFT's key without its prefix)."""
     config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for file in (config_file, weights_file):
         if not os.path.isfile(file):
@@ -193,11 +230,48 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise NotImplementedError(f"{config_file}: init_lora_weights={init!r} is not supported")
     tensors = {}
     for key, tensor in load_file(weights_file).items():
-        match = re.fullmatch(rf"{re.escape(PREFIX)}(.+\.lora_[AB])\.weight", key)
+        match = re.fullmatch(rf"{re.escape(PREFIX)}(.+\.(?:lora_A\.weight|lora_B\.weight|lora_B\.bias))", key)
         if match is None:
-            raise NotImplementedError(f"{weights_file}: key {key!r} is not a LoRA A / B weight (lora_bias, DoRA, ...)")
+            raise NotImplementedError(f"{weights_file}: key {key!r} is not a LoRA A / B weight or B bias (DoRA, ...)")
         tensors[match.group(1)] = tensor
     return config, tensors
+
+
+def check_keys(path, layers: dict, tensors: dict) -> None:
+    """Raise unless the file's keys are those of `layers`, naming a few that are missing or unexpected."""
+    expected = {key for name, layer in layers.items() for key in adapter_keys(name, layer)}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(
+            f"adapter {os.fspath(path)!r} does not fit the model's LoRA layers: "
+            f"missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+
+
+def check_shapes(name: str, layer, tensors: dict, r: int) -> None:
+    """Raise unless the file's tensors of layer `name` are an adapter of rank r for its shape."""
+    shapes = {
+        "lora_A.weight": (r, layer.in_features),
+        "lora_B.weight": (layer.out_features, r),
+        "lora_B.bias": (layer.out_features,),
+    }
+    for suffix, shape in shapes.items():
+        tensor = tensors.get(f"{name}.{suffix}")
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name}.{suffix}: shape {tuple(tensor.shape)} in the file, expected {shape} (r={r})")
+
+
+@torch.no_grad()
+def copy_into(name: str, layer, tensors: dict) -> None:
+    """Copy the file's tensors of layer `name` into its Parameters in place,
+    zero-padded where the layer's tensors have a larger rank (max_rank); a
+    Parameter the file lacks is zeroed (the layer then adds nothing)."""
+    for suffix, param in _parameters(layer):
+        tensor = tensors.get(f"{name}.{suffix}")
+        if tensor is None:
+            param.zero_()
+        else:
+            copy_padded(param, tensor)
 
 
 @torch.no_grad()
@@ -205,51 +279,40 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, lora_dtype: torch
     """Load a PEFT-format adapter (from save_adapter or PEFT's save_pretrained) into the model, in place.
 
     A model without LoRA layers is first prepared from the file's config
-    (apply_lora with its target_modules, r, lora_alpha, patterns, ...;
-    lora_dtype as given, default the layers' dtype). A model prepared already
-    must have exactly the file's layers with the file's r and scaling.
-    The tensors are copied into the adapters' Parameters. Returns the model.
+    (apply_lora with its target_modules, r, lora_alpha, patterns, lora_bias,
+    ...; lora_dtype as given, default the layers' dtype). A model prepared
+    already must have exactly the file's layers with the file's r, scaling
+    and lora_bias. The tensors are copied into the adapters' Parameters.
+    Returns the model. (To replace one adapter by another of any rank and
+    alpha in a compiled model, see hotswap_adapter.)
 
     As in PEFT, a file saying init_lora_weights="pissa" redoes the SVD when it
     prepares a plain model: give it the original base weights.
     """
     config, tensors = read_adapter(path)
-    r, alpha, use_rslora = config.get("r", 8), config.get("lora_alpha", 8), config.get("use_rslora", False)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     if not lora_layers(model):
         apply_lora(
             model,
             config["target_modules"],
-            r=r,
-            lora_alpha=alpha,
+            r=config.get("r", 8),
+            lora_alpha=config.get("lora_alpha", 8),
             lora_dropout=config.get("lora_dropout", 0.0),
-            use_rslora=use_rslora,
+            use_rslora=config.get("use_rslora", False),
             init_lora_weights=config.get("init_lora_weights", True),
             lora_dtype=lora_dtype,
-            rank_pattern=rank_pattern,
-            alpha_pattern=alpha_pattern,
+            rank_pattern=config.get("rank_pattern") or {},
+            alpha_pattern=config.get("alpha_pattern") or {},
+            lora_bias=config.get("lora_bias", False),
         )
     layers = lora_layers(model)
-    expected = {f"{name}.lora_{ab}" for name in layers for ab in "AB"}
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise ValueError(
-            f"adapter {os.fspath(path)!r} does not fit the model's LoRA layers: "
-            f"missing {missing[:5]}, unexpected {extra[:5]}"
-        )
-    for name, layer in layers.items():
-        layer_r, layer_alpha = pattern_value(rank_pattern, name, r), pattern_value(alpha_pattern, name, alpha)
-        scaling = lora_scaling(layer_r, layer_alpha, use_rslora)
-        if layer.r != layer_r or not math.isclose(layer.scaling, scaling, rel_tol=1e-12):
+    check_keys(path, layers, tensors)
+    for name, layer in layers.items():  # every check before any change
+        r, _, scaling = layer_settings(config, name)
+        if layer.r != r or not math.isclose(layer.scaling, scaling, rel_tol=1e-12):
             raise ValueError(
-                f"layer {name!r} has r={layer.r}, scaling={layer.scaling:g}; "
-                f"the adapter has r={layer_r}, scaling={scaling:g}"
+                f"layer {name!r} has r={layer.r}, scaling={layer.scaling:g}; the adapter has r={r}, scaling={scaling:g}"
             )
-        for ab, param in (("A", layer.lora_A.weight), ("B", layer.lora_B.weight)):
-            tensor = tensors[f"{name}.lora_{ab}"]
-            if tensor.shape != param.shape:
-                raise ValueError(
-                    f"{name}.lora_{ab}: shape {tuple(tensor.shape)} in the file, {tuple(param.shape)} in the model"
-                )
-            param.copy_(tensor)
+        check_shapes(name, layer, tensors, r)
+    for name, layer in layers.items():
+        copy_into(name, layer, tensors)
     return model

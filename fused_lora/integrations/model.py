@@ -6,7 +6,8 @@ Module names are matched as PEFT matches `target_modules`:
     a list of names   a module whose full name equals an entry, or ends with "." + entry
                       (["q_proj", "v_proj"] hits "model.layers.0.self_attn.q_proj")
     a string          a regular expression, re.fullmatch'ed against the full name
-    "all-linear"      every nn.Linear except the model's output layer (get_output_embeddings())
+    "all-linear"      every nn.Linear (and transformers Conv1D) except the model's output layer
+                      (get_output_embeddings())
 
 and `rank_pattern` / `alpha_pattern` as PEFT does: the first key k (a regex) for
 which re.match(rf"(.*\\.)?({k})$", name) holds gives that module's r / lora_alpha.
@@ -14,12 +15,13 @@ which re.match(rf"(.*\\.)?({k})$", name) holds gives that module's r / lora_alph
 
 import contextlib
 import re
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..layers import LoRALinear, MultiLoRALinear
+from ..layers import LoRALinear, MultiLoRALinear, base_features, is_conv1d
 
 ALL_LINEAR = "all-linear"
 
@@ -89,9 +91,8 @@ def select_modules(model: nn.Module, target_modules) -> list[tuple[str, nn.Modul
     candidates = [(n, m) for n, m in model.named_modules() if n and not n.startswith(inside_lora)]
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         output = _output_layer_name(model)
-        return [
-            (n, m) for n, m in candidates if isinstance(m, nn.Linear | LoRALinear | MultiLoRALinear) and n != output
-        ]
+        linear = nn.Linear | LoRALinear | MultiLoRALinear
+        return [(n, m) for n, m in candidates if (isinstance(m, linear) or is_conv1d(m)) and n != output]
     return [(n, m) for n, m in candidates if matches_target(n, target_modules)]
 
 
@@ -107,10 +108,12 @@ def apply_lora(
     lora_dtype: torch.dtype | None = None,
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
+    lora_bias: bool = False,
 ) -> nn.Module:
-    """Put a LoRA adapter on every nn.Linear that `target_modules` selects, in place.
+    """Put a LoRA adapter on every nn.Linear (or transformers Conv1D, as in
+    GPT-2: PEFT's fan_in_fan_out) that `target_modules` selects, in place.
 
-    Each selected nn.Linear is replaced by `LoRALinear.from_linear(linear, ...)`,
+    Each selected module is replaced by `LoRALinear.from_linear(module, ...)`,
     which shares its weight and bias (no copy). Afterwards only LoRA
     parameters (lora_A / lora_B of every LoRA layer in the model) require
     grad; every other parameter is frozen. Arguments are PEFT's LoraConfig
@@ -119,7 +122,8 @@ def apply_lora(
     rewrites each selected base weight (see LoRALinear).
 
     Returns the model. Raises ValueError when nothing matches, when a
-    selected module is not an nn.Linear, or when it already has an adapter.
+    selected module is not an nn.Linear or Conv1D, or when it already has an
+    adapter.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -132,10 +136,10 @@ def apply_lora(
     for name, module in selected:  # every check before any change: a failed call changes nothing
         if isinstance(module, LoRALinear | MultiLoRALinear):
             raise ValueError(f"module {name!r} already has a LoRA adapter (one adapter per layer)")
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) and not is_conv1d(module):
             raise ValueError(
                 f"target_modules={target_modules!r} selects {name!r}, a {type(module).__name__}; "
-                "only nn.Linear modules can take a LoRA adapter"
+                "only nn.Linear (and transformers Conv1D) modules can take a LoRA adapter"
             )
         arguments[name] = dict(
             r=pattern_value(rank_pattern or {}, name, r),
@@ -143,8 +147,9 @@ def apply_lora(
             lora_dropout=lora_dropout,
             use_rslora=use_rslora,
             init_lora_weights=init_lora_weights,
+            lora_bias=lora_bias,
         )
-        LoRALinear.check_arguments(module.in_features, module.out_features, **arguments[name])
+        LoRALinear.check_arguments(*base_features(module), **arguments[name])
 
     for name, linear in selected:
         set_submodule(model, name, LoRALinear.from_linear(linear, lora_dtype=lora_dtype, **arguments[name]))
@@ -166,24 +171,30 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def base_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Linear:
-    """A plain nn.Linear sharing `layer`'s weight and bias Parameters (no copy)."""
-    has_bias = layer.bias is not None
-    linear = nn.Linear(layer.in_features, layer.out_features, has_bias, device="meta")
-    linear.weight = layer.weight
-    if has_bias:
-        linear.bias = layer.bias
+def base_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Module:
+    """A plain nn.Linear (a transformers Conv1D for a fan_in_fan_out layer)
+    sharing `layer`'s weight and bias Parameters (no copy)."""
+    with torch.device("meta"):  # parameters replaced below: allocate nothing
+        if layer.fan_in_fan_out:  # transformers is imported: the layer came from one of its Conv1D
+            linear = sys.modules["transformers.pytorch_utils"].Conv1D(layer.out_features, layer.in_features)
+        else:
+            linear = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+    linear.weight, linear.bias = layer.weight, layer.bias
     return linear
 
 
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer (W += scaling * B A, in place, fp32, rounded
-    once) and put back plain nn.Linear modules holding the merged weights, as
-    PEFT's merge_and_unload does; a MultiLoRALinear merges its active adapter
-    (a layer without one keeps its base weight). The weights are shared with
+    once; with lora_bias also bias += scaling * b_B) and put back plain
+    nn.Linear (or Conv1D) modules holding the merged weights, as PEFT's
+    merge_and_unload does; a MultiLoRALinear merges its active adapter (a
+    layer without one keeps its base weight). The weights are shared with
     the LoRA layers they came from, so those layers are consumed. Returns
-    the model."""
+    the model. A lora_bias layer over a base without a bias raises
+    RuntimeError (as PEFT), before any layer changes."""
+    for layer in lora_layers(model).values():
+        layer.check_mergeable()
     for name, layer in _any_lora_layers(model).items():
         if isinstance(layer, LoRALinear):
             layer.merge()
@@ -196,7 +207,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Drop the adapters without merging: plain nn.Linear modules with the
+    """Drop the adapters without merging: plain nn.Linear (or Conv1D) modules with the
     current base weights (a merged layer is unmerged first; a PiSSA layer
     keeps its residual weight, as in PEFT). Returns the model."""
     for name, layer in _any_lora_layers(model).items():

@@ -12,7 +12,7 @@ trains both. Needs peft (`pip install 'fused-lora[interop]'`).
 
 from torch import nn
 
-from ..layers import BASE_ONLY, LoRALinear, MultiLoRALinear
+from ..layers import BASE_ONLY, LoRALinear, MultiLoRALinear, is_conv1d
 from .adapter_files import adapter_config, check_config
 from .model import base_linear, lora_layers, multi_lora_layers, set_submodule
 
@@ -25,22 +25,30 @@ def _import_peft():
     return peft
 
 
-def _check_peft_layer(module, name: str, adapters) -> nn.Linear:
-    """The PEFT layer's base nn.Linear, or an error naming what fused-lora does not do."""
+def _check_peft_layer(module, name: str, adapters: list[str], several: bool) -> nn.Module:
+    """The PEFT layer's base nn.Linear (or, converting one adapter, Conv1D),
+    or an error naming what fused-lora does not do."""
     if module.merged:
         raise ValueError(f"{name}: the PEFT layer is merged; call unmerge_adapter() first")
     if module.disable_adapters:
         raise ValueError(f"{name}: the PEFT layer's adapters are disabled; enable them first")
-    if module.fan_in_fan_out:
-        raise NotImplementedError(f"{name}: fan_in_fan_out (Conv1D weights) is not supported")
     for adapter in adapters:
         if getattr(module, "use_dora", {}).get(adapter) or adapter in getattr(module, "lora_variant", {}):
             raise NotImplementedError(f"{name}: LoRA variants (DoRA, ...) are not supported")
-        if getattr(module, "lora_bias", {}).get(adapter):
-            raise NotImplementedError(f"{name}: lora_bias is not supported")
+        if several and getattr(module, "lora_bias", {}).get(adapter):  # PEFT < 0.14 has no lora_bias
+            raise NotImplementedError(
+                f"{name}: lora_bias with several adapters is not supported (MultiLoRALinear has no lora_bias)"
+            )
     base = module.get_base_layer()
-    if type(base) is not nn.Linear:
-        raise NotImplementedError(f"{name}: the base layer is a {type(base).__name__}; only nn.Linear is supported")
+    if several and is_conv1d(base):
+        raise NotImplementedError(
+            f"{name}: a Conv1D base (fan_in_fan_out) with several adapters is not supported "
+            "(MultiLoRALinear takes nn.Linear only)"
+        )
+    if type(base) is not nn.Linear and not is_conv1d(base):
+        raise NotImplementedError(
+            f"{name}: the base layer is a {type(base).__name__}; only nn.Linear and transformers' Conv1D are supported"
+        )
     return base
 
 
@@ -49,9 +57,8 @@ def _dropout_p(module, adapter) -> float:
     return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
 
-def _one_adapter_layer(module, name: str, adapter: str, init_lora_weights) -> LoRALinear:
+def _one_adapter_layer(module, base: nn.Module, adapter: str, init_lora_weights) -> LoRALinear:
     """A LoRALinear sharing a PEFT lora.Linear's base layer and adapter modules."""
-    base = _check_peft_layer(module, name, [adapter])
     lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
     layer = LoRALinear.from_linear(
         base,
@@ -61,6 +68,7 @@ def _one_adapter_layer(module, name: str, adapter: str, init_lora_weights) -> Lo
         use_rslora=module.use_rslora[adapter],
         init_lora_weights=False,
         lora_dtype=lora_a.weight.dtype,
+        lora_bias=lora_b.bias is not None,
     )
     layer.lora_A, layer.lora_B = lora_a, lora_b  # the very modules: their Parameters are shared
     layer.scaling = module.scaling[adapter]
@@ -68,11 +76,11 @@ def _one_adapter_layer(module, name: str, adapter: str, init_lora_weights) -> Lo
     return layer
 
 
-def _many_adapter_layer(module, name: str, adapters: list[str], active: str | None) -> MultiLoRALinear:
+def _many_adapter_layer(module, base: nn.Linear, adapters: list[str], active: str | None) -> MultiLoRALinear:
     """A MultiLoRALinear sharing a PEFT lora.Linear's base layer and the
     modules of every adapter it has, in PEFT's adapter order."""
     adapters = [a for a in adapters if a in module.lora_A]
-    layer = MultiLoRALinear.from_linear(_check_peft_layer(module, name, adapters))
+    layer = MultiLoRALinear.from_linear(base)
     for adapter in adapters:
         layer.attach_adapter(
             adapter,
@@ -102,8 +110,10 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     The fused layers hold the same base weight and bias Parameters and the
     same lora_A / lora_B modules: nothing is copied, and training either one
     trains both. The PEFT wrapper must not be used afterwards (its layers are
-    gone). Refuses merged or disabled layers, DoRA, lora_bias, fan_in_fan_out
-    and non-Linear layers, naming them.
+    gone). lora_bias and Conv1D bases (GPT-2, fan_in_fan_out) convert with
+    one adapter. Refuses, naming them and before changing anything: merged
+    or disabled layers, DoRA, other base layers, and lora_bias or Conv1D
+    with several adapters.
     """
     peft = _import_peft()
     from peft.tuners.lora import Linear as PeftLoraLinear
@@ -121,18 +131,22 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
         raise NotImplementedError(
             f"several active adapters at once ({active}): activate one (peft_model.set_adapter) before from_peft"
         )
-    model = tuner.model
-    for name, module in list(model.named_modules()):
+    model, several = tuner.model, len(adapters) > 1
+    bases = {}
+    for name, module in model.named_modules():  # every check before any change
         if not isinstance(module, BaseTunerLayer):
             continue
         if type(module) is not PeftLoraLinear:
             raise NotImplementedError(
                 f"{name}: PEFT layer {type(module).__qualname__} is not supported, only lora.Linear"
             )
-        if len(adapters) == 1:
-            layer = _one_adapter_layer(module, name, adapters[0], tuner.peft_config[adapters[0]].init_lora_weights)
+        bases[name] = _check_peft_layer(module, name, [a for a in adapters if a in module.lora_A], several)
+    for name, base in bases.items():
+        module = model.get_submodule(name)
+        if several:
+            layer = _many_adapter_layer(module, base, adapters, active[0] if active else None)
         else:
-            layer = _many_adapter_layer(module, name, adapters, active[0] if active else None)
+            layer = _one_adapter_layer(module, base, adapters[0], tuner.peft_config[adapters[0]].init_lora_weights)
         set_submodule(model, name, layer.train(module.training))  # eval mode stays eval: no dropout
     if "peft_config" in vars(model):  # left by PEFT's injection; a later get_peft_model would take it for an adapter
         del model.peft_config
@@ -148,6 +162,8 @@ def _lora_config(peft, config: dict):
         use_rslora=config["use_rslora"],
         rank_pattern=config["rank_pattern"],
         alpha_pattern=config["alpha_pattern"],
+        lora_bias=config["lora_bias"],
+        fan_in_fan_out=config["fan_in_fan_out"],
         init_lora_weights=True,  # never redo a PiSSA SVD on the residual weights; the adapters are swapped in below
     )
 
