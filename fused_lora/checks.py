@@ -112,6 +112,8 @@ def check_inputs(x, weight, bias, lora_a, lora_b, scalings, dropout_p, *, names)
     require_tensor("x", x)
     if not _is_weight(weight):
         raise TypeError(f"weight must be a torch.Tensor or a QuantizedWeight, got {type(weight).__name__}")
+    if isinstance(weight, QuantizedWeight) and any(t.requires_grad for t in (weight.data, *weight.parts())):
+        raise ValueError("weight: a QuantizedWeight is a frozen base; none of its tensors may require grad")
     if bias is not None:
         require_tensor("bias", bias)
     for i in range(len(lora_a)):

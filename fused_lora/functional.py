@@ -195,10 +195,12 @@ def dora_linear(
     column_scale = magnitude.float() / norm
     if dropout_p == 0:
         return _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale)
-    d = torch.nn.functional.dropout(x, dropout_p)
+    # As PEFT: the dropped input, and the terms computed from it, in the adapters' dtype.
     w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
-    base = torch.nn.functional.linear(x, w, bias) - torch.nn.functional.linear(d, w)
-    return base + _dora(d, weight, None, lora_a, lora_b, scaling, column_scale)
+    d = torch.nn.functional.dropout(x.to(lora_a.dtype), dropout_p)
+    w_lora = w.to(lora_a.dtype)
+    update = _dora(d, w_lora, None, lora_a, lora_b, scaling, column_scale) - torch.nn.functional.linear(d, w_lora)
+    return torch.nn.functional.linear(x, w, bias) + update.to(x.dtype)
 
 
 def _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale):

@@ -95,7 +95,7 @@ def weight_args(weight) -> tuple[Tensor, str, list[Tensor]]:
 
 
 def _weight_shape(weight: Tensor, spec: str) -> tuple[int, int]:
-    return tuple(weight.shape) if spec == DENSE else QuantizedWeight.from_spec(weight, spec, []).shape
+    return tuple(weight.shape) if spec == DENSE else QuantizedWeight.shape_of(spec)
 
 
 @_outside_autocast
@@ -348,18 +348,24 @@ def backward_formula(saved: _Saved, grad_y, needs, prims):
     need_x, need_w, need_bias, need_a, need_b, need_c = needs
     grad_x = grad_w = grad_bias = grads_a = grads_b = grad_c = None
     c = saved.c
+    lora_dy = grad_y  # what G and dB are formed from
     if need_c:
         grad_c = (grad_y.float() * saved.z.float()).sum(0).to(c.dtype)
     if need_bias:
         grad_bias = grad_y.sum(0)
     if c is not None:
-        grad_y = grad_y * c.to(grad_y.dtype)
+        scaled = grad_y.float() * c
+        grad_y = scaled.to(grad_y.dtype)
+        # fp32 adapters on 16-bit x keep the fp32 dY * c (rounding it first would cost their precision)
+        lora_dy = scaled if saved.lora_a and saved.lora_a[0].dtype == torch.float32 else grad_y
     if need_x or need_a:
         grad_x, g = prims.grad_x(grad_y, need_x)
+        if need_a and lora_dy is not grad_y:
+            g = prims.grad_x(lora_dy, False)[1]
     if need_a:
         grads_a = prims.grad_a(g)
     if need_b:
-        grads_b = prims.grad_b(grad_y)
+        grads_b = prims.grad_b(lora_dy)
     if need_w:
         grad_w = torch.mm(grad_y.t(), saved.x)
     return grad_x, grad_w, grad_bias, grads_a, grads_b, grad_c

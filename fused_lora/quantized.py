@@ -58,6 +58,15 @@ class QuantizedWeight:
     def device(self) -> torch.device:
         return self.data.device
 
+    def numel(self) -> int:
+        """N * K: the elements of the weight it stands for."""
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def requires_grad(self) -> bool:
+        """A quantized base is frozen: its tensors never take a gradient."""
+        return False
+
     @property
     def nested(self) -> bool:
         return self.nested_absmax is not None
@@ -106,6 +115,12 @@ class QuantizedWeight:
             return [self.scale]
         nested = [self.nested_absmax, self.nested_code, self.nested_offset] if self.nested else []
         return [self.absmax, self.code, *nested]
+
+    @staticmethod
+    def shape_of(spec: str) -> tuple[int, int]:
+        """(N, K) from a spec alone (the custom ops' fakes)."""
+        n, k = spec.split(":")[1].split("x")
+        return int(n), int(k)
 
     @classmethod
     def from_spec(cls, data: torch.Tensor, spec: str, parts: list[torch.Tensor]) -> "QuantizedWeight":
