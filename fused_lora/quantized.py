@@ -95,10 +95,18 @@ class QuantizedWeight:
             if scale.dim():
                 scale = scale.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
             return (w * scale).to(dtype or self.dtype)
-        packed = self.data.reshape(-1)
-        codes = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[: n * k].long()
-        absmax = self.block_absmax().repeat_interleave(self.blocksize)[: n * k]
-        return (self.code.float()[codes] * absmax).reshape(n, k).to(dtype or self.dtype)
+        # A byte holds two codes, high nibble first: look both up at once in a 256 x 2 table.
+        byte = torch.arange(256, device=self.data.device)
+        code = self.code.float()
+        pairs = torch.stack((code[byte >> 4], code[byte & 15]), dim=1)
+        values = pairs.index_select(0, self.data.reshape(-1).int()).reshape(-1)
+        absmax = self.block_absmax()
+        short = absmax.numel() * self.blocksize - values.numel()
+        if short > 0:  # the last block's padding, never read
+            values = torch.cat((values, values.new_zeros(short)))
+        # Each block of `blocksize` values times its absmax, broadcast (not repeated to N x K).
+        blocks = values[: absmax.numel() * self.blocksize].view(-1, self.blocksize) * absmax[:, None]
+        return blocks.reshape(-1)[: n * k].reshape(n, k).to(dtype or self.dtype)
 
     # ---- how the custom ops carry it: the data, a spec string and the other tensors
 
