@@ -192,7 +192,7 @@ def dora_linear(
         raise ValueError(f"magnitude must be a float tensor of shape ({n_out},), got {tuple(magnitude.shape)}")
     s = float(scaling) if not isinstance(scaling, torch.Tensor) else scaling.reshape(()).item()
     norm = dora_weight_norm(weight, lora_a, lora_b, s, weight_norm_sq)
-    column_scale = magnitude.float() / norm
+    column_scale = magnitude.to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs), as n
     if dropout_p == 0:
         return _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale)
     # As PEFT: the dropped input, and the terms computed from it, in the adapters' dtype.
@@ -241,11 +241,27 @@ def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids
     if compiling or x.device.type == "meta":
         y, _, _ = ops.lora_forward(*args)  # the custom op: Dynamo and AOTAutograd trace it; meta runs its fake
     elif torch.is_grad_enabled() and _any_requires_grad(x, weight, bias, lora_a, lora_b, column_scale):
+        if _plain_torch(x, data, spec, lora_a, seed_tensor, rows, column_scale):
+            y = backends.torch_backend.autograd_forward(x2d, data, bias, lora_a[0], lora_b[0], scalings)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
         plan = ops.Plan(args[6], seed_tensor, *rows, args[11], spec, keep_z, present)
         y, _ = ops.LoRAFunction.apply(plan, x2d, data, bias, scalings, column_scale, *lora_a, *lora_b, *parts)
     else:
         y, _ = ops.run_forward(*args)  # inference: no graph to record, the implementation alone
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _plain_torch(x, data, spec, lora_a, seed, rows, column_scale) -> bool:
+    """One adapter of a dense W, no dropout, no DoRA, on the torch backend:
+    torch's autograd records the ops (the shortest training step on a CPU)."""
+    return (
+        len(lora_a) == 1
+        and seed is None
+        and rows[0] is None
+        and column_scale is None
+        and spec == ops.DENSE
+        and backends.select(x) is backends.torch_backend
+    )
 
 
 def _as_tensor(scalings, device, adapter_dtype) -> torch.Tensor:

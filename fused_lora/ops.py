@@ -349,12 +349,13 @@ def backward_formula(saved: _Saved, grad_y, needs, prims):
     grad_x = grad_w = grad_bias = grads_a = grads_b = grad_c = None
     c = saved.c
     lora_dy = grad_y  # what G and dB are formed from
+    wide = torch.promote_types(grad_y.dtype, torch.float32)
     if need_c:
-        grad_c = (grad_y.float() * saved.z.float()).sum(0).to(c.dtype)
+        grad_c = (grad_y.to(wide) * saved.z.to(wide)).sum(0).to(c.dtype)
     if need_bias:
         grad_bias = grad_y.sum(0)
     if c is not None:
-        scaled = grad_y.float() * c
+        scaled = grad_y.to(wide) * c
         grad_y = scaled.to(grad_y.dtype)
         # fp32 adapters on 16-bit x keep the fp32 dY * c (rounding it first would cost their precision)
         lora_dy = scaled if saved.lora_a and saved.lora_a[0].dtype == torch.float32 else grad_y

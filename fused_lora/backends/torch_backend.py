@@ -114,6 +114,13 @@ def _forward_one(x, weight, bias, lora_a, lora_b, scaling):
     return y, _skinny_layout(h)
 
 
+def autograd_forward(x, weight, bias, lora_a, lora_b, scalings):
+    """One adapter, no dropout, no DoRA, gradients wanted: _forward_one's ops
+    recorded by torch's autograd (the same math as the backward formula,
+    without a Python autograd Function's host time per step)."""
+    return _forward_one(x, weight, bias, lora_a, lora_b, _scaling(scalings))[0]
+
+
 def forward(x, weight, bias, adapters, rows, seed=0, *, column_scale=None, keep_z=False):
     """y = x W^T + bias + s_a H B_a^T and H = d A_a^T per row, d = dropout(x);
     with DoRA's column scale c: y = c * z + bias, z the same without bias.
