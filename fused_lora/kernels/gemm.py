@@ -51,15 +51,27 @@ from .quant import DENSE, weight_tile
 
 
 @triton.jit
+def lora_matrix(
+    table_ptr, a, NUM_ADAPTERS, length, DTYPE: tl.constexpr, WHICH: tl.constexpr, RANK_MULTIPLE: tl.constexpr
+):
+    """Adapter a's A (rank, length) or B (length, rank), both contiguous, as
+    (pointer, stride along the rank, stride along `length`, rank)."""
+    ptr, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, DTYPE, WHICH, RANK_MULTIPLE)
+    if WHICH == LORA_A:
+        return ptr, length, 1, rank
+    else:
+        return ptr, 1, rank, rank
+
+
+@triton.jit
 def down_matrix(table_ptr, a, NUM_ADAPTERS, K, DTYPE: tl.constexpr, DX: tl.constexpr, RANK_MULTIPLE: tl.constexpr):
     """Adapter a's shrink matrix as (pointer, stride along K, stride along R,
-    rank): A^T in the forward, B in dX (both contiguous in the table)."""
+    rank): A^T in the forward, B in dX."""
     if DX:
-        b, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, DTYPE, LORA_B, RANK_MULTIPLE)
-        return b, rank, 1, rank
+        ptr, stride_r, stride_k, rank = lora_matrix(table_ptr, a, NUM_ADAPTERS, K, DTYPE, LORA_B, RANK_MULTIPLE)
     else:
-        at, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, DTYPE, LORA_A, RANK_MULTIPLE)
-        return at, 1, K, rank
+        ptr, stride_r, stride_k, rank = lora_matrix(table_ptr, a, NUM_ADAPTERS, K, DTYPE, LORA_A, RANK_MULTIPLE)
+    return ptr, stride_k, stride_r, rank
 
 
 @triton.jit
@@ -67,11 +79,9 @@ def up_matrix(table_ptr, a, NUM_ADAPTERS, N, DTYPE: tl.constexpr, DX: tl.constex
     """Adapter a's expand matrix as (pointer, stride along R, stride along N,
     rank): B^T in the forward, A in dX."""
     if DX:
-        a_, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, DTYPE, LORA_A, RANK_MULTIPLE)
-        return a_, N, 1, rank
+        return lora_matrix(table_ptr, a, NUM_ADAPTERS, N, DTYPE, LORA_A, RANK_MULTIPLE)
     else:
-        bt, rank = adapter_matrix(table_ptr, a, NUM_ADAPTERS, DTYPE, LORA_B, RANK_MULTIPLE)
-        return bt, 1, rank, rank
+        return lora_matrix(table_ptr, a, NUM_ADAPTERS, N, DTYPE, LORA_B, RANK_MULTIPLE)
 
 
 @triton.jit
