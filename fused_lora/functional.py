@@ -182,8 +182,9 @@ def dora_linear(
 
     With dropout (dropout_p > 0; a layer passes it in training mode only),
     PEFT's form y = x W^T + bias + (m/n - 1) (d W^T) + (m/n) s (d A^T) B^T,
-    d = dropout(x): composed from torch's dropout and the fused op on d,
-    not fused into one kernel.
+    d = dropout(x): composed from torch's dropout, x W^T + bias, and the
+    fused op on d with the column scale m/n - 1 (two M x N x K GEMMs, as
+    PEFT's), not fused into one kernel.
     """
     check_dropout("dropout_p", dropout_p)
     require_tensor("magnitude", magnitude)
@@ -199,8 +200,11 @@ def dora_linear(
     w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
     d = torch.nn.functional.dropout(x.to(lora_a.dtype), dropout_p)
     w_lora = w.to(lora_a.dtype)
-    update = _dora(d, w_lora, None, lora_a, lora_b, scaling, column_scale) - torch.nn.functional.linear(d, w_lora)
-    return torch.nn.functional.linear(x, w, bias) + update.to(x.dtype)
+    # (c - 1) (d W^T) + c s (d A^T) B^T = (c - 1) * z_d + s (d A^T) B^T with z_d = d W^T + s (d A^T) B^T:
+    # one fused GEMM on d with the column scale c - 1 (m's gradient flows through it), and two skinny ones.
+    update = _dora(d, w_lora, None, lora_a, lora_b, scaling, column_scale - 1)
+    lora_d = torch.nn.functional.linear(torch.nn.functional.linear(d, lora_a), lora_b) * scaling
+    return torch.nn.functional.linear(x, w, bias) + (update + lora_d).to(x.dtype)
 
 
 def _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale):
@@ -252,10 +256,14 @@ def _run(x, weight, bias, lora_a, lora_b, scalings, dropout_p, seed, adapter_ids
 
 
 def _plain_torch(x, data, spec, lora_a, seed, rows, column_scale) -> bool:
-    """One adapter of a dense W, no dropout, no DoRA, on the torch backend:
-    torch's autograd records the ops (the shortest training step on a CPU)."""
+    """One adapter of the inputs' dtype over a dense W, no dropout, no DoRA,
+    no autocast, on the torch backend: torch's autograd records the ops (the
+    shortest training step on a CPU). Mixed dtypes keep the package's own
+    backward, whose roundings a compiled graph reproduces exactly."""
     return (
         len(lora_a) == 1
+        and lora_a[0].dtype == x.dtype
+        and not torch._C._is_any_autocast_enabled()
         and seed is None
         and rows[0] is None
         and column_scale is None

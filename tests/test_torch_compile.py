@@ -281,7 +281,9 @@ def test_backend_is_read_when_traced_and_travels_to_the_backward(monkeypatch, la
     run it, the backward even outside the `with set_backend(...)` block."""
     calls = []
     for name, module in (("torch", torch_backend), ("triton", triton_backend)):
-        for fn in ("forward", "grad_x"):
+        for fn in ("forward", "grad_x", "autograd_forward"):
+            if not hasattr(module, fn):
+                continue
             original = getattr(module, fn)
             tag = (name, fn)
             monkeypatch.setattr(module, fn, lambda *a, _f=original, _t=tag, **k: calls.append(_t) or _f(*a, **k))
@@ -297,7 +299,10 @@ def test_backend_is_read_when_traced_and_travels_to_the_backward(monkeypatch, la
     with fused_lora.set_backend("torch"):  # eager mode: the backward too runs the forward's backend
         y = model(x, *args)
     y.square().sum().backward()
-    assert calls == [("torch", "forward")] * 2 + [("torch", "grad_x")] * 2
+    if layer == "LoRALinear":  # one adapter, no dropout: torch's autograd records the torch backend's ops
+        assert calls == [("torch", "autograd_forward")] * 2
+    else:
+        assert calls == [("torch", "forward")] * 2 + [("torch", "grad_x")] * 2
     frames = []
     for name in ("torch", "triton", "torch"):
         calls.clear()
