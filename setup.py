@@ -10,8 +10,18 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ruff==0.17.6", "peft", "transformers", "scikit-learn"],
+        "test": [
+            "pytest",
+            "pytest-benchmark",
+            "ruff==0.17.6",
+            "peft",
+            "transformers",
+            "scikit-learn",
+            "bitsandbytes==0.50.2",
+        ],
         "interop": ["peft", "transformers"],
+        # QLoRA / FP8 bases: bitsandbytes' Linear4bit, transformers' FP8Linear (quantize_base needs neither)
+        "quant": ["bitsandbytes>=0.50", "transformers"],
         "examples": ["scikit-learn"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },

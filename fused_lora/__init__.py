@@ -1,19 +1,24 @@
 """fused-lora: Triton kernels for LoRA linear layers, fused forward and backward."""
 
 from .backends import set_backend
-from .functional import dropout_mask, lora_linear, multi_lora_linear
+from .functional import dora_linear, dora_weight_norm, dropout_mask, lora_linear, multi_lora_linear
 from .integrations.adapter_files import load_adapter, save_adapter
 from .integrations.hotswap import hotswap_adapter, prepare_for_hotswap
 from .integrations.model import adapter_names, apply_lora, count_parameters, merge_and_unload, unload
 from .integrations.peft import from_peft, to_peft
+from .integrations.quantized import quantize_base
 from .layers import LoRALinear, MultiLoRALinear, lora_scaling
+from .quantized import QuantizedWeight, quantize_fp8, quantize_nf4
 
 __all__ = [
     "LoRALinear",
     "MultiLoRALinear",
+    "QuantizedWeight",
     "adapter_names",
     "apply_lora",
     "count_parameters",
+    "dora_linear",
+    "dora_weight_norm",
     "dropout_mask",
     "from_peft",
     "hotswap_adapter",
@@ -23,6 +28,9 @@ __all__ = [
     "merge_and_unload",
     "multi_lora_linear",
     "prepare_for_hotswap",
+    "quantize_base",
+    "quantize_fp8",
+    "quantize_nf4",
     "save_adapter",
     "set_backend",
     "to_peft",

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checks import cannot_read_on_host, check_dropout, check_scaling
-from .functional import lora_linear, multi_lora_linear
+from .functional import dora_linear, dora_weight_norm, lora_linear, multi_lora_linear
+from .integrations import quantized as quant
 
 # PEFT's name for "no adapter" in adapter_names.
 BASE_ONLY = "__base__"
@@ -76,6 +77,20 @@ def init_adapter(lora_a: nn.Linear, lora_b: nn.Linear, init_lora_weights) -> Non
         nn.init.zeros_(lora_b.bias)
 
 
+class DoRAMagnitude(nn.Module):
+    """DoRA's magnitude m (out,) as PEFT holds it: a module whose `weight`
+    is the trainable vector, so that the layer's parameter is named
+    `lora_magnitude_vector.weight`."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        # A Parameter is kept as it is (shared, e.g. with a PEFT layer's), a tensor becomes one.
+        self.weight = magnitude if isinstance(magnitude, nn.Parameter) else nn.Parameter(magnitude)
+
+    def extra_repr(self) -> str:
+        return f"out_features={self.weight.shape[0]}"
+
+
 class _FrozenBase(nn.Module):
     """What both LoRA layers share: the base layer's `weight` (out, in) and
     `bias` (out,), frozen and shared with the nn.Linear they came from (or,
@@ -83,14 +98,23 @@ class _FrozenBase(nn.Module):
     fan_in_fan_out), the scalings as a non-persistent float buffer (data
     that a compiled graph reads, so changing a scaling needs no recompile;
     fp32, fp64 for fp64 adapters, whatever .to(dtype) does to the module),
-    and merge / unmerge of an update into the weight and bias."""
+    and merge / unmerge of an update into the weight and bias.
+
+    The base may be quantized (a bitsandbytes NF4 Linear4bit, a transformers
+    FP8Linear, or fused_lora.quantize_base): `weight` is then the packed
+    Parameter, shared and frozen, with its statistics beside it, and `_quant`
+    describes it (integrations/quantized.py); None for a dense base."""
 
     def _init_base(self, linear: nn.Module, accept_conv1d: bool = False) -> None:
         self.fan_in_fan_out = accept_conv1d and is_conv1d(linear)
         if not isinstance(linear, nn.Linear) and not self.fan_in_fan_out:
             expected = "an nn.Linear or a transformers Conv1D" if accept_conv1d else "an nn.Linear"
             raise TypeError(f"linear must be {expected}, got {type(linear).__name__}")
-        self.weight = linear.weight
+        self._quant = quant.quantized_base(linear)
+        if self._quant is None:
+            self.weight = linear.weight
+        else:  # the packed weight and its statistics, shared
+            quant.attach(self, linear, self._quant)
         self.bias = linear.bias
         self.out_features, self.in_features = self.linear_weight.shape
         self.weight.requires_grad_(False)
@@ -121,8 +145,31 @@ class _FrozenBase(nn.Module):
     @property
     def linear_weight(self) -> torch.Tensor:
         """The base weight as nn.Linear holds it, (out, in): `weight` itself,
-        or its transpose (a view, no copy) for a Conv1D base (fan_in_fan_out)."""
+        or its transpose (a view, no copy) for a Conv1D base (fan_in_fan_out);
+        for a quantized base a QuantizedWeight viewing the packed tensors (no
+        copy), decoded into the dtype it was quantized from."""
+        if self._quant is not None:
+            return self._quant.view(self)
         return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
+    def base_format(self) -> str | None:
+        """The quantized base's format, "nf4" or "fp8"; None for a dense base."""
+        return None if self._quant is None else self._quant.format
+
+    def _default_lora_dtype(self) -> torch.dtype:
+        # Over a quantized base the adapters are float32, as PEFT's QLoRA adapters.
+        return self.weight.dtype if self._quant is None else torch.float32
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._quant is not None:  # NF4 statistics under bitsandbytes' keys
+            self._quant.save_state(self, destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errors)
+        if self._quant is not None:
+            self._quant.load_state(self, state_dict, prefix, missing_keys if strict else [], unexpected, errors)
 
     @property
     def merged(self) -> bool:
@@ -133,10 +180,21 @@ class _FrozenBase(nn.Module):
         """W <- W + delta (delta in `weight`'s layout) and bias <- bias +
         bias_delta, in place on the (possibly shared) tensors, computed in
         float32 (float64 for a float64 weight) and rounded once. The originals
-        are kept (copies) so that unmerge() restores them bit for bit."""
+        are kept (copies) so that unmerge() restores them bit for bit. A
+        quantized base: NF4 is decoded, updated and quantized again (lossy,
+        warns; unmerge() still restores the packed original), FP8 raises."""
+        if self._quant is not None:
+            self._quant.merge(self, delta, bias_delta)
+            return
+        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        self._merge_weight(self.weight.to(wide) + delta.to(wide), bias_delta)
+
+    @torch.no_grad()
+    def _merge_weight(self, new_weight: torch.Tensor, bias_delta: torch.Tensor | None = None) -> None:
+        """W <- new_weight (in `weight`'s layout, rounded once), as _merge_delta."""
         self._unmerged_weight = self.weight.detach().clone()
         wide = torch.promote_types(self.weight.dtype, torch.float32)
-        self.weight.copy_(self.weight.to(wide) + delta.to(wide))
+        self.weight.copy_(new_weight)
         if bias_delta is not None:
             self._unmerged_bias = self.bias.detach().clone()
             self.bias.copy_(self.bias.to(wide) + bias_delta.to(wide))
@@ -148,12 +206,14 @@ class _FrozenBase(nn.Module):
             return
         self.weight.copy_(self._unmerged_weight)
         self._unmerged_weight = None
+        if self._quant is not None:  # the statistics that go with the packed weight
+            self._quant.restore(self)
         if self._unmerged_bias is not None:
             self.bias.copy_(self._unmerged_bias)
             self._unmerged_bias = None
 
     def _delta(self, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> torch.Tensor:
-        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        wide = torch.promote_types(self.weight.dtype if self._quant is None else self._quant.dtype, torch.float32)
         return scaling * (lora_b.weight.to(wide) @ lora_a.weight.to(wide))
 
 
@@ -191,6 +251,16 @@ class LoRALinear(_FrozenBase):
     r is the rank of the adapter the layer holds (what scaling, PEFT's config
     and save_adapter use); max_rank, the rank of the lora_A / lora_B tensors,
     is larger only after prepare_for_hotswap padded them with zeros.
+
+    use_dora=True makes it PEFT's DoRA (weight-decomposed LoRA):
+    y = (m / n) * (x W^T + scaling * (x A^T) B^T) + b, n_j = ||W_j + scaling
+    B_j A|| (a constant of the backward, as in PEFT), with the magnitude m
+    (out,) trainable as `lora_magnitude_vector.weight`, initialised to n so
+    that the layer starts equal to its base. m / n is applied in the fused
+    kernel's epilogue; n comes from skinny products (W A^T, A A^T) and a
+    cached ||W_j||^2, never from W + scaling B A. With dropout in training
+    mode the LoRA branch reads dropout(x) as in PEFT (composed, not one
+    kernel). DoRA takes neither lora_bias (as PEFT) nor hot-swapping.
     """
 
     def __init__(
@@ -208,21 +278,24 @@ class LoRALinear(_FrozenBase):
         init_lora_weights: bool | str = True,
         lora_dtype: torch.dtype | None = None,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ):
         super().__init__()
         # The base layer exactly as nn.Linear builds it, then frozen.
         self._init_base(nn.Linear(in_features, out_features, bias, device=device, dtype=dtype))
-        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype, lora_bias)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype, lora_bias, use_dora)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, **lora_kwargs) -> "LoRALinear":
         """Wrap an existing nn.Linear, or a transformers Conv1D (GPT-2's
         layers, weight stored (in, out): the layer has fan_in_fan_out=True);
         lora_kwargs are the constructor's keyword arguments (r, lora_alpha,
-        lora_dropout, use_rslora, init_lora_weights, lora_dtype, lora_bias).
+        lora_dropout, use_rslora, init_lora_weights, lora_dtype, lora_bias,
+        use_dora).
         The new layer shares (does not copy) the module's weight and bias
         Parameters and freezes them; merge() changes them in place, as PEFT
-        does."""
+        does. A quantized module (a bitsandbytes NF4 Linear4bit, a
+        transformers FP8Linear) stays quantized: see docs/quantized.md."""
         layer = cls.__new__(cls)
         _FrozenBase.__init__(layer)
         layer._init_base(linear, accept_conv1d=True)
@@ -231,7 +304,15 @@ class LoRALinear(_FrozenBase):
 
     @staticmethod
     def check_arguments(
-        in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=False
+        in_features,
+        out_features,
+        r,
+        lora_alpha,
+        lora_dropout,
+        use_rslora,
+        init_lora_weights,
+        lora_bias=False,
+        use_dora=False,
     ):
         """Raise, naming the argument, for LoRA arguments the layer cannot take
         (apply_lora checks every module this way before changing any)."""
@@ -251,6 +332,10 @@ class LoRALinear(_FrozenBase):
             raise ValueError(
                 f"lora_bias=True needs init_lora_weights True or False (as in PEFT), got {init_lora_weights!r}"
             )
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {type(use_dora).__name__}")
+        if use_dora and lora_bias:
+            raise ValueError("lora_bias=True is not supported with use_dora=True (PEFT refuses it too)")
 
     def _init_lora(
         self,
@@ -261,17 +346,28 @@ class LoRALinear(_FrozenBase):
         init_lora_weights=True,
         lora_dtype=None,
         lora_bias=False,
+        use_dora=False,
     ):
         self.check_arguments(
-            self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias
+            self.in_features,
+            self.out_features,
+            r,
+            lora_alpha,
+            lora_dropout,
+            use_rslora,
+            init_lora_weights,
+            lora_bias,
+            use_dora,
         )
         self.r = r
         self.lora_alpha = lora_alpha
         self.lora_dropout = lora_dropout
         self.use_rslora = use_rslora
-        kwargs = dict(device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
+        kwargs = dict(device=self.weight.device, dtype=lora_dtype or self._default_lora_dtype())
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kwargs)
         self.lora_B = nn.Linear(r, self.out_features, bias=lora_bias, **kwargs)
+        self.lora_magnitude_vector = DoRAMagnitude(torch.empty(self.out_features, **kwargs)) if use_dora else None
+        self._norm_cache: tuple = ()
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.reset_lora_parameters(init_lora_weights)
 
@@ -282,6 +378,29 @@ class LoRALinear(_FrozenBase):
     def lora_bias(self) -> bool:
         """PEFT's lora_bias: whether lora_B has a bias b_B (out,)."""
         return self.lora_B.bias is not None
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the layer is DoRA (has a magnitude, `lora_magnitude_vector`)."""
+        return self.lora_magnitude_vector is not None
+
+    def weight_norm_sq(self) -> torch.Tensor:
+        """||W_j||^2 (out,) in float32 (float64 for a float64 weight), what
+        DoRA's row norms start from: cached while the weight is unchanged
+        (same storage, same version), recomputed after merge, PiSSA, a move."""
+        w = self.weight  # the stored tensor (packed for a quantized base) keys the cache
+        key = (w.data_ptr(), w._version, w.device, w.dtype)
+        if not self._norm_cache or self._norm_cache[0] != key:
+            with torch.no_grad():
+                dense = self._dense_weight(torch.float64 if w.dtype == torch.float64 else torch.float32)
+                self._norm_cache = (key, dense.square().sum(1))
+        return self._norm_cache[1]
+
+    def weight_norm(self) -> torch.Tensor:
+        """DoRA's n (out,): the row norms ||W_j + scaling B_j A||, detached."""
+        return dora_weight_norm(
+            self.linear_weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.weight_norm_sq()
+        )
 
     @property
     def max_rank(self) -> int:
@@ -310,14 +429,30 @@ class LoRALinear(_FrozenBase):
                 f"the adapter tensors are padded to max_rank={self.max_rank} for hot-swapping (r={self.r}): "
                 "load an adapter into them with hotswap_adapter instead"
             )
+        if self._quant is not None:  # PiSSA and DoRA need a dense base
+            quant.check_lora_options(self._quant, "LoRALinear", init_lora_weights)
         self.check_arguments(
-            self.in_features, self.out_features, self.r, self.lora_alpha, 0.0, False, init_lora_weights, self.lora_bias
+            self.in_features,
+            self.out_features,
+            self.r,
+            self.lora_alpha,
+            0.0,
+            False,
+            init_lora_weights,
+            self.lora_bias,
+            self.use_dora,
         )
         # Remembered for adapter configs: a PiSSA adapter only fits PiSSA's residual weight.
         self.init_lora_weights = init_lora_weights
         if not _is_pissa(init_lora_weights):
             init_adapter(self.lora_A, self.lora_B, init_lora_weights)
-            return
+        else:
+            self._init_pissa(init_lora_weights)
+        if self.use_dora:  # m = n: the layer starts as its LoRA layer would
+            self.lora_magnitude_vector.weight.copy_(self.weight_norm())
+
+    @torch.no_grad()
+    def _init_pissa(self, init_lora_weights: str) -> None:
         # The SVD runs in fp32 (fp64 stays fp64) whatever W's dtype; W is rounded once, at the end.
         w = self.linear_weight.to(torch.promote_types(self.weight.dtype, torch.float32))
         if init_lora_weights == "pissa":
@@ -342,6 +477,8 @@ class LoRALinear(_FrozenBase):
         stays the adapter's rank. The tensors become new Parameters (same
         requires_grad): pad before building an optimizer or compiling."""
         check_rank(max_rank, "max_rank")
+        if self.use_dora:
+            raise NotImplementedError("hot-swapping DoRA adapters is not supported (pad_rank on a use_dora layer)")
         if max_rank < self.r:
             raise ValueError(f"max_rank must be >= the adapter's rank r={self.r}, got {max_rank}")
         if max_rank <= self.max_rank:
@@ -375,30 +512,63 @@ class LoRALinear(_FrozenBase):
         lora_bias), in place on the (possibly shared) tensors, computed in
         float32 (float64 for a float64 layer) and rounded once. The originals
         are kept (copies) so that unmerge() restores them bit for bit. A
-        merged layer's forward is one GEMM."""
+        merged layer's forward is one GEMM. A DoRA layer merges as PEFT's:
+        W <- (m / n) (W + scaling B A)."""
         if self.merged:
             return
         self.check_mergeable()
         delta = self.get_delta_weight()
+        if self.use_dora:  # W <- (m / n) (W + scaling B A) = W + ((m / n) - 1) W + (m / n) delta, n unmerged
+            with torch.no_grad():
+                w = self._dense_weight(delta.dtype)
+                c = (self.lora_magnitude_vector.weight.to(delta.dtype) / self.weight_norm().to(delta.dtype))[:, None]
+                linear_delta = (c - 1) * w + c * (delta.t() if self.fan_in_fan_out else delta)
+            delta = linear_delta.t() if self.fan_in_fan_out else linear_delta
+            self._merge_delta(delta)
+            return
         self._merge_delta(delta, self.scaling * self.lora_B.bias.to(delta.dtype) if self.lora_bias else None)
 
-    def _forward_bias(self) -> torch.Tensor | None:
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight (out, in) as a dense tensor of `dtype` (a quantized base decoded)."""
+        if self._quant is not None:
+            return self._quant.view(self).dequantize(dtype)
+        return self.linear_weight.to(dtype)
+
+    def _forward_bias(self, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """The bias the fused op adds: the base bias, plus scaling * b_B with
         lora_bias (an N-element op in float32 or wider, rounded once to the
-        layer's dtype; autograd carries scaling * sum(dY) back to b_B)."""
+        layer's dtype, or `dtype`; autograd carries scaling * sum(dY) back to b_B)."""
         if not self.lora_bias:
             return self.bias
         shift = self._scalings * self.lora_B.bias  # (1,) * (N,): the scaling stays data under torch.compile
-        return (shift if self.bias is None else self.bias + shift).to(self.weight.dtype)
+        return (shift if self.bias is None else self.bias + shift).to(dtype or self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:  # the update is already in W
-            return F.linear(x, self.linear_weight, self.bias)
+        if self._quant is not None:  # decoded into x's dtype inside the kernels
+            weight = self._quant.view(self, getattr(x, "dtype", None))
+            if self.merged:  # a dense temporary per call
+                return F.linear(x, weight.dequantize(), self.bias)
+        else:
+            weight = self.linear_weight
+            if self.merged:  # the update is already in W
+                return F.linear(x, weight, self.bias)
         dropout_p = self.lora_dropout if self.training else 0.0  # eval mode has no dropout
+        if self.use_dora:
+            return dora_linear(
+                x,
+                weight,
+                self.bias,
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self._scalings,
+                self.lora_magnitude_vector.weight,
+                dropout_p=dropout_p,
+                weight_norm_sq=None if torch.compiler.is_compiling() else self.weight_norm_sq(),
+            )
         return lora_linear(
             x,
-            self.linear_weight,
-            self._forward_bias(),
+            weight,
+            self._forward_bias(weight.dtype),
             self.lora_A.weight,
             self.lora_B.weight,
             self._scalings,
@@ -407,7 +577,9 @@ class LoRALinear(_FrozenBase):
 
     def extra_repr(self) -> str:
         extras = ", lora_bias=True" if self.lora_bias else ""
+        extras += ", use_dora=True" if self.use_dora else ""
         extras += ", fan_in_fan_out=True" if self.fan_in_fan_out else ""
+        extras += f", base={self.base_format}" if self._quant is not None else ""
         extras += f", max_rank={self.max_rank}" if self.max_rank != self.r else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -510,7 +682,7 @@ class MultiLoRALinear(_FrozenBase):
         lora_scaling(r, lora_alpha, use_rslora)  # a NaN or infinite lora_alpha raises here
         if init_lora_weights not in INITS:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
-        kwargs = dict(bias=False, device=self.weight.device, dtype=lora_dtype or self.weight.dtype)
+        kwargs = dict(bias=False, device=self.weight.device, dtype=lora_dtype or self._default_lora_dtype())
         lora_a, lora_b = nn.Linear(self.in_features, r, **kwargs), nn.Linear(r, self.out_features, **kwargs)
         init_adapter(lora_a, lora_b, init_lora_weights)
         self.attach_adapter(name, lora_a, lora_b, lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
@@ -558,7 +730,7 @@ class MultiLoRALinear(_FrozenBase):
     def adapter_view(self, name: str) -> SimpleNamespace:
         """Adapter `name` with LoRALinear's attribute names (r, lora_alpha,
         lora_dropout, use_rslora, scaling, init_lora_weights, lora_bias,
-        fan_in_fan_out, lora_A, lora_B): what a PEFT config or an adapter file
+        use_dora, fan_in_fan_out, lora_A, lora_B): what a PEFT config or an adapter file
         reads."""
         return SimpleNamespace(
             r=self.r[name],
@@ -568,6 +740,7 @@ class MultiLoRALinear(_FrozenBase):
             scaling=self.scaling[name],
             init_lora_weights=True,
             lora_bias=False,
+            use_dora=False,
             fan_in_fan_out=False,
             lora_A=self.lora_A[name],
             lora_B=self.lora_B[name],
@@ -656,13 +829,15 @@ class MultiLoRALinear(_FrozenBase):
         with neither, the rows use active_adapter (or adapter_names(model, ...))."""
         ids = self._row_ids(x, adapter_ids, adapter_names)
         names = self.adapter_names
+        # A quantized base is decoded into x's dtype inside the kernels (merged: into a dense temporary).
+        weight = self.weight if self._quant is None else self._quant.view(self, getattr(x, "dtype", None))
         if self.merged:
             self._check_merged_batch(ids)
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight if self._quant is None else weight.dequantize(), self.bias)
         dropout = [self.lora_dropout[name] if self.training else 0.0 for name in names]
         return multi_lora_linear(
             x,
-            self.weight,
+            weight,
             self.bias,
             [self.lora_A[name].weight for name in names],
             [self.lora_B[name].weight for name in names],
@@ -686,4 +861,5 @@ class MultiLoRALinear(_FrozenBase):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"adapters={{{adapters}}}, merged={self.merged_adapter}"
+            + (f", base={self.base_format}" if self._quant is not None else "")
         )

@@ -3,7 +3,9 @@ same losses, gradients and parameters as one process on the concatenated
 batch: LoRALinear layers under DistributedDataParallel and under FSDP2
 (`fully_shard`: frozen base weights sharded, only the LoRA parameters
 trained), and MultiLoRALinear layers under DDP with per-sequence adapters,
-one of which has no rows on one of the processes.
+one of which has no rows on one of the processes. Quantized bases too: NF4
+and FP8 from quantize_base under both, and bitsandbytes' Linear4bit under
+FSDP2 (FSDP-QLoRA: the packed 4-bit weight sharded, frozen).
 
 Each worker writes what it saw to a file; the tests compare it with a single
 process run here. The processes meet through a FileStore in a temporary
@@ -11,6 +13,7 @@ folder (no port to find), and everything has a timeout. One DDP run trains
 both models (starting processes costs more than training them)."""
 
 import datetime
+import importlib.util
 import pathlib
 import time
 
@@ -34,6 +37,10 @@ TIMEOUT_S = 90
 # One adapter per sequence (-1: the base layer); rank 0 takes the first four,
 # so adapter 2 ("c") has no rows there: DDP must still average its gradient.
 ADAPTER_IDS = torch.tensor([0, 1, -1, 0, 2, 1, 0, 2])
+HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
+# The models each mode trains: LoRA over dense, quantize_base NF4 and FP8 bases (and Linear4bit ones).
+DDP_KINDS = ("lora", "multi", "nf4", "fp8")
+FSDP2_KINDS = ("lora", "nf4", "fp8") + (("bnb",) if HAS_BNB else ())
 
 
 class MultiNet(nn.Module):
@@ -51,12 +58,28 @@ class MultiNet(nn.Module):
 
 
 def build_model(kind: str = "lora") -> nn.Module:
-    """Two LoRA layers; A and B random so that both get gradients at step 1."""
+    """Two LoRA layers; A and B random so that both get gradients at step 1.
+    "nf4" / "fp8": their bases quantized by quantize_base; "bnb": over
+    bitsandbytes NF4 Linear4bit layers (nested statistics)."""
     torch.manual_seed(0)
     if kind == "multi":
         return MultiNet()
     kwargs = dict(r=4, lora_alpha=8, init_lora_weights=False)
-    return nn.Sequential(LoRALinear(16, 32, **kwargs), nn.GELU(), LoRALinear(32, 10, **kwargs))
+    if kind == "bnb":
+        return nn.Sequential(linear4bit(32, 16, kwargs), nn.GELU(), linear4bit(10, 32, kwargs))
+    model = nn.Sequential(LoRALinear(16, 32, **kwargs), nn.GELU(), LoRALinear(32, 10, **kwargs))
+    if kind in ("nf4", "fp8"):
+        fused_lora.quantize_base(model, kind)
+    return model
+
+
+def linear4bit(n: int, k: int, lora_kwargs: dict) -> LoRALinear:
+    """A LoRALinear over a bitsandbytes NF4 Linear4bit (k -> n) with a random weight."""
+    import bitsandbytes as bnb
+
+    module = bnb.nn.Linear4bit(k, n, compute_dtype=torch.float32, quant_type="nf4")
+    module.weight = bnb.nn.Params4bit(torch.randn(n, k) / k**0.5, quant_type="nf4", module=module)
+    return LoRALinear.from_linear(module.to("cpu"), **lora_kwargs)  # bitsandbytes quantizes on the move
 
 
 def batches():
@@ -114,22 +137,26 @@ def _worker(rank: int, mode: str, folder: str) -> None:
     try:
         results = {}
         if mode == "ddp":
-            for kind in ("lora", "multi"):
-                model = nn.parallel.DistributedDataParallel(build_model(kind))
+            for kind in DDP_KINDS:
+                # gloo cannot broadcast float8 tensors: DDP's initial broadcast is skipped for FP8 bases (every
+                # rank builds the same model from the same seed, as it loads the same checkpoint). NCCL can.
+                model = nn.parallel.DistributedDataParallel(build_model(kind), init_sync=kind != "fp8")
                 results[kind] = train(model, kind, rank, WORLD_SIZE)
         else:
-            model = build_model()
             mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-            for layer in model:
-                if isinstance(layer, LoRALinear):
-                    fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            weight = model[0].weight
-            facts = dict(
-                weight_sharded=isinstance(weight, DTensor) and weight.to_local().shape[0] == 32 // WORLD_SIZE,
-                weight_frozen=not weight.requires_grad,
-            )
-            results["lora"] = dict(train(model, "lora", rank, WORLD_SIZE), **facts)
+            for kind in FSDP2_KINDS:
+                model = build_model(kind)
+                rows = model[0].weight.shape[0]  # 32 dense; 256 packed NF4 bytes; 32 FP8 rows
+                for layer in model:
+                    if isinstance(layer, LoRALinear):
+                        fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                weight = model[0].weight
+                facts = dict(
+                    weight_sharded=isinstance(weight, DTensor) and weight.to_local().shape[0] == rows // WORLD_SIZE,
+                    weight_frozen=not weight.requires_grad,
+                )
+                results[kind] = dict(train(model, kind, rank, WORLD_SIZE), **facts)
         if rank == 0:
             torch.save(results, pathlib.Path(folder) / "result.pt")
     finally:
@@ -154,12 +181,17 @@ def run_distributed(mode: str, folder: pathlib.Path) -> dict:
 @pytest.fixture(scope="module")
 def single_process():
     with fused_lora.set_backend("torch"):
-        return {kind: train(build_model(kind), kind) for kind in ("lora", "multi")}
+        return {kind: train(build_model(kind), kind) for kind in dict.fromkeys(DDP_KINDS + FSDP2_KINDS)}
 
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
     return run_distributed("ddp", tmp_path_factory.mktemp("ddp"))
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory):
+    return run_distributed("fsdp2", tmp_path_factory.mktemp("fsdp2"))
 
 
 def assert_same_training(got, want, names):
@@ -187,7 +219,28 @@ def test_ddp_with_multi_lora_layers_matches_one_process(ddp, single_process):
     assert_same_training(ddp["multi"], single_process["multi"], MULTI_NAMES)
 
 
-def test_fsdp2_matches_one_process(tmp_path, single_process):
-    result = run_distributed("fsdp2", tmp_path)["lora"]
+def test_fsdp2_matches_one_process(fsdp2, single_process):
+    result = fsdp2["lora"]
     assert result["weight_sharded"] and result["weight_frozen"]
     assert_same_training(result, single_process["lora"], LORA_NAMES)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_quantized_bases_under_ddp_match_one_process(kind, ddp, single_process):
+    assert_same_training(ddp[kind], single_process[kind], LORA_NAMES)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp8"])
+def test_quantized_bases_under_fsdp2_match_one_process(kind, fsdp2, single_process):
+    """The packed base (NF4 bytes, FP8 e4m3) sharded and frozen, its statistics replicated."""
+    result = fsdp2[kind]
+    assert result["weight_sharded"] and result["weight_frozen"]
+    assert_same_training(result, single_process[kind], LORA_NAMES)
+
+
+@pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes: pip install -e '.[test]'")
+def test_fsdp2_over_bitsandbytes_linear4bit_matches_one_process(fsdp2, single_process):
+    """FSDP-QLoRA: LoRA layers over bitsandbytes' Params4bit, sharded by fully_shard."""
+    result = fsdp2["bnb"]
+    assert result["weight_sharded"] and result["weight_frozen"]
+    assert_same_training(result, single_process["bnb"], LORA_NAMES)

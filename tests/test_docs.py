@@ -30,8 +30,11 @@ def run_page(page: pathlib.Path) -> dict:
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
 def test_page_code_runs(page):
-    if "from peft" in page.read_text():
+    text = page.read_text()
+    if "from peft" in text:
         pytest.importorskip("peft", reason=f"{page.name}'s examples need peft")
+    if "BitsAndBytesConfig" in text or "import bitsandbytes" in text:
+        pytest.importorskip("bitsandbytes", reason=f"{page.name}'s examples need bitsandbytes")
     run_page(page)
 
 

@@ -283,8 +283,6 @@ def test_what_is_not_supported_is_refused(tmp_path):
     two.base_model.set_adapter(["default", "other"])
     with pytest.raises(NotImplementedError, match=r"several active adapters at once \(\['default', 'other'\]\)"):
         from_peft(two)
-    with pytest.raises(NotImplementedError, match="use_dora"):
-        from_peft(get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True)))
     with pytest.raises(NotImplementedError, match="Embedding"):
         from_peft(get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["embed_tokens"])))
     merged = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"]))
@@ -313,7 +311,7 @@ def test_what_is_not_supported_is_refused(tmp_path):
         load_adapter(copy.deepcopy(base), tmp_path / "nowhere")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     for field, value in [
-        ("use_dora", True),
+        ("use_qalora", True),
         ("modules_to_save", ["lm_head"]),
         ("layers_to_transform", [0]),
         ("bias", "all"),

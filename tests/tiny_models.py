@@ -55,11 +55,13 @@ def token_ids(vocab=VOCAB):
 
 @torch.no_grad()
 def randomize_adapters(model):
-    """Trained-looking adapters (never B = 0), PEFT's or ours: A (r, in), B (out, r)
-    and with lora_bias b_B (out,)."""
+    """Trained-looking adapters (never B = 0), PEFT's or ours: A (r, in), B (out, r),
+    with lora_bias b_B (out,), with DoRA a magnitude m (out,) away from its initial ||W + s B A||."""
     for name, p in model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name:
             p.copy_(torch.randn_like(p) * (p.shape[1] ** -0.5 if p.dim() == 2 else 0.5))
+        elif ".lora_magnitude_vector." in name:
+            p.mul_(torch.rand_like(p) + 0.5)
 
 
 def peft_layer(peft_model, name, adapter="default"):
@@ -69,11 +71,13 @@ def peft_layer(peft_model, name, adapter="default"):
 
 @torch.no_grad()
 def copy_adapters(peft_model, model, adapter="default"):
-    """PEFT's adapter tensors (A, B and b_B) copied into our LoRALinear layers of the same names."""
+    """PEFT's adapter tensors (A, B, b_B and DoRA's m) copied into our LoRALinear layers of the same names."""
     for name, layer in lora_layers(model).items():
         module = peft_model.get_base_model().get_submodule(name)
         layer.lora_A.load_state_dict(module.lora_A[adapter].state_dict())
         layer.lora_B.load_state_dict(module.lora_B[adapter].state_dict())
+        if layer.use_dora:
+            layer.lora_magnitude_vector.weight.copy_(module.lora_magnitude_vector[adapter].weight)
 
 
 def logits(model, ids):
@@ -87,7 +91,7 @@ def assert_same_logits(out, ref, dtype):
 
 def assert_outputs_and_gradients_equal_peft(ours, peft_model, vocab=VOCAB):
     """Our model and PEFT's on the same tokens, with the same random output gradient: equal logits,
-    and equal gradients for every adapter Parameter of our LoRALinear layers (A, B and b_B)."""
+    and equal gradients for every adapter Parameter of our LoRALinear layers (A, B, b_B, DoRA's m)."""
     ids = token_ids(vocab)
     grad = torch.randn(2, 9, vocab, device=DEVICE)
     out, ref = ours(ids).logits, peft_model(ids).logits

@@ -9,12 +9,17 @@ On disk (what `PeftModel.save_pretrained` writes and `PeftModel.from_pretrained`
                                         base_model.model.<module name>.lora_B.weight  (out, r)
                                         base_model.model.<module name>.lora_B.bias    (out,)
                                             (only with lora_bias)
+                                        base_model.model.<module name>.lora_magnitude_vector  (out,)
+                                            (only with use_dora: DoRA's m)
 
 One adapter per directory, on nn.Linear or transformers Conv1D layers
 (fan_in_fan_out: A and B have the same shapes as for nn.Linear), with or
-without lora_bias, without DoRA, modules_to_save or layers_to_transform:
+without lora_bias or DoRA, without modules_to_save or layers_to_transform:
 anything else is refused with an error that names it. A model of
-MultiLoRALinear layers saves one named adapter at a time.
+MultiLoRALinear layers saves one named adapter at a time. The file never
+holds the base: an adapter trained over a quantized base (QLoRA, FP8) saves
+and loads as any other, and load_adapter keeps a 4-bit or FP8 model's
+bases quantized (see layers' from_linear).
 """
 
 import json
@@ -33,11 +38,12 @@ from .model import apply_lora, lora_layers, multi_lora_layers, pattern_value, se
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the model: the prefix of every saved key
+# What a saved key may end with: A, B, lora_bias's b_B, DoRA's magnitude (PEFT drops its ".weight").
+KEY_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
 
 # LoraConfig fields that change what a layer computes and that fused-lora does not do:
 # any true value is refused (their defaults are all false).
 UNSUPPORTED_FIELDS = (
-    "use_dora",
     "modules_to_save",
     "layers_to_transform",
     "exclude_modules",
@@ -70,7 +76,8 @@ def adapter_views(model: nn.Module, adapter: str | None = None) -> dict:
     its LoRALinear layers (adapter None), or one named adapter of its
     MultiLoRALinear layers (the layers that have it). Each has r,
     lora_alpha, lora_dropout, use_rslora, scaling, init_lora_weights,
-    lora_bias, fan_in_fan_out, lora_A and lora_B."""
+    lora_bias, use_dora, fan_in_fan_out, lora_A and lora_B (and with DoRA
+    lora_magnitude_vector)."""
     if adapter is None:
         return lora_layers(model)
     return {
@@ -152,7 +159,7 @@ def adapter_config(model: nn.Module, adapter: str | None = None) -> dict:
         "layers_pattern": None,
         "rank_pattern": _pattern(layers, "r", r),
         "alpha_pattern": _pattern(layers, "lora_alpha", alpha),
-        "use_dora": False,
+        "use_dora": _one_value(layers, "use_dora"),
         "lora_bias": _one_value(layers, "lora_bias"),
     }
 
@@ -165,9 +172,11 @@ def layer_settings(config: dict, name: str) -> tuple[int, float, float]:
 
 
 def _parameters(layer) -> list[tuple[str, torch.Tensor]]:
-    """The adapter's Parameters by PEFT's key suffix: lora_A.weight, lora_B.weight, with lora_bias lora_B.bias."""
+    """The adapter's Parameters by PEFT's key suffix: lora_A.weight, lora_B.weight, with lora_bias
+    lora_B.bias, with DoRA lora_magnitude_vector (PEFT's file drops that module's ".weight")."""
     params = [("lora_A.weight", layer.lora_A.weight), ("lora_B.weight", layer.lora_B.weight)]
-    return params + ([("lora_B.bias", layer.lora_B.bias)] if layer.lora_bias else [])
+    params += [("lora_B.bias", layer.lora_B.bias)] if layer.lora_bias else []
+    return params + ([("lora_magnitude_vector", layer.lora_magnitude_vector.weight)] if layer.use_dora else [])
 
 
 def adapter_keys(name: str, layer) -> list[str]:
@@ -213,8 +222,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of the adapter in the directory `path`, checked.
-    Tensors are keyed by module name + ".lora_A.weight", ".lora_B.weight"
-    or ".lora_B.bias" (PEFT's key without its prefix)."""
+    Tensors are keyed by module name + ".lora_A.weight", ".lora_B.weight",
+    ".lora_B.bias" or ".lora_magnitude_vector" (PEFT's key without its prefix)."""
     config_file, weights_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for file in (config_file, weights_file):
         if not os.path.isfile(file):
@@ -230,9 +239,11 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
         raise NotImplementedError(f"{config_file}: init_lora_weights={init!r} is not supported")
     tensors = {}
     for key, tensor in load_file(weights_file).items():
-        match = re.fullmatch(rf"{re.escape(PREFIX)}(.+\.(?:lora_A\.weight|lora_B\.weight|lora_B\.bias))", key)
+        match = re.fullmatch(rf"{re.escape(PREFIX)}(.+\.(?:{'|'.join(re.escape(k) for k in KEY_SUFFIXES)}))", key)
         if match is None:
-            raise NotImplementedError(f"{weights_file}: key {key!r} is not a LoRA A / B weight or B bias (DoRA, ...)")
+            raise NotImplementedError(
+                f"{weights_file}: key {key!r} is not a LoRA A / B weight, B bias or DoRA magnitude"
+            )
         tensors[match.group(1)] = tensor
     return config, tensors
 
@@ -254,6 +265,7 @@ def check_shapes(name: str, layer, tensors: dict, r: int) -> None:
         "lora_A.weight": (r, layer.in_features),
         "lora_B.weight": (layer.out_features, r),
         "lora_B.bias": (layer.out_features,),
+        "lora_magnitude_vector": (layer.out_features,),
     }
     for suffix, shape in shapes.items():
         tensor = tensors.get(f"{name}.{suffix}")
@@ -281,8 +293,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, lora_dtype: torch
     A model without LoRA layers is first prepared from the file's config
     (apply_lora with its target_modules, r, lora_alpha, patterns, lora_bias,
     ...; lora_dtype as given, default the layers' dtype). A model prepared
-    already must have exactly the file's layers with the file's r, scaling
-    and lora_bias. The tensors are copied into the adapters' Parameters.
+    already must have exactly the file's layers with the file's r, scaling,
+    lora_bias and use_dora. The tensors are copied into the adapters' Parameters.
     Returns the model. (To replace one adapter by another of any rank and
     alpha in a compiled model, see hotswap_adapter.)
 
@@ -303,6 +315,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, lora_dtype: torch
             rank_pattern=config.get("rank_pattern") or {},
             alpha_pattern=config.get("alpha_pattern") or {},
             lora_bias=config.get("lora_bias", False),
+            use_dora=config.get("use_dora", False),
         )
     layers = lora_layers(model)
     check_keys(path, layers, tensors)

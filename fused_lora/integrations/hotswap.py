@@ -73,6 +73,8 @@ def _check_fits(path, layers: dict, config: dict, tensors: dict) -> dict[str, tu
             "hot-swapping PiSSA adapters is not supported: a PiSSA adapter belongs to its own residual base "
             "weights (load it with load_adapter onto the original base model)"
         )
+    if config.get("use_dora") or any(layer.use_dora for layer in layers.values()):
+        raise NotImplementedError("hot-swapping DoRA adapters is not supported (load_adapter loads one)")
     merged = [name for name, layer in layers.items() if layer.merged]
     if merged:
         raise ValueError(f"layers {merged[:5]} are merged: unmerge() them before hot-swapping")

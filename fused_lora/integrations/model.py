@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..layers import LoRALinear, MultiLoRALinear, base_features, is_conv1d
+from .quantized import base_module, check_lora_options, quantized_base
 
 ALL_LINEAR = "all-linear"
 
@@ -109,13 +110,15 @@ def apply_lora(
     rank_pattern: dict[str, int] | None = None,
     alpha_pattern: dict[str, float] | None = None,
     lora_bias: bool = False,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Put a LoRA adapter on every nn.Linear (or transformers Conv1D, as in
     GPT-2: PEFT's fan_in_fan_out) that `target_modules` selects, in place.
 
     Each selected module is replaced by `LoRALinear.from_linear(module, ...)`,
     which shares its weight and bias (no copy). Afterwards only LoRA
-    parameters (lora_A / lora_B of every LoRA layer in the model) require
+    parameters (lora_A / lora_B, and DoRA's lora_magnitude_vector, of every
+    LoRA layer in the model) require
     grad; every other parameter is frozen. Arguments are PEFT's LoraConfig
     fields (see the module docstring for the matching rules); rank_pattern /
     alpha_pattern override r / lora_alpha per module. init_lora_weights="pissa"
@@ -148,8 +151,12 @@ def apply_lora(
             use_rslora=use_rslora,
             init_lora_weights=init_lora_weights,
             lora_bias=lora_bias,
+            use_dora=use_dora,
         )
         LoRALinear.check_arguments(*base_features(module), **arguments[name])
+        base = quantized_base(module, f"module {name!r}")  # Linear8bitLt, FP4, ... raise, naming the module
+        if base is not None:
+            check_lora_options(base, f"module {name!r}", init_lora_weights)
 
     for name, linear in selected:
         set_submodule(model, name, LoRALinear.from_linear(linear, lora_dtype=lora_dtype, **arguments[name]))
@@ -161,7 +168,8 @@ def apply_lora(
 
 
 def _adapter_parameters(layer: LoRALinear | MultiLoRALinear):
-    return [p for name, p in layer.named_parameters() if name.startswith(("lora_A.", "lora_B."))]
+    prefixes = ("lora_A.", "lora_B.", "lora_magnitude_vector.")
+    return [p for name, p in layer.named_parameters() if name.startswith(prefixes)]
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -173,7 +181,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def base_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Module:
     """A plain nn.Linear (a transformers Conv1D for a fan_in_fan_out layer)
-    sharing `layer`'s weight and bias Parameters (no copy)."""
+    sharing `layer`'s weight and bias Parameters (no copy); for a quantized
+    base, a bitsandbytes Linear4bit or transformers FP8Linear sharing them."""
+    if layer._quant is not None:
+        return base_module(layer)
     with torch.device("meta"):  # parameters replaced below: allocate nothing
         if layer.fan_in_fan_out:  # transformers is imported: the layer came from one of its Conv1D
             linear = sys.modules["transformers.pytorch_utils"].Conv1D(layer.out_features, layer.in_features)
@@ -186,15 +197,23 @@ def base_linear(layer: LoRALinear | MultiLoRALinear) -> nn.Module:
 @torch.no_grad()
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge every LoRA layer (W += scaling * B A, in place, fp32, rounded
-    once; with lora_bias also bias += scaling * b_B) and put back plain
+    once; with lora_bias also bias += scaling * b_B; DoRA: W <- (m / n)
+    (W + scaling B A)) and put back plain
     nn.Linear (or Conv1D) modules holding the merged weights, as PEFT's
     merge_and_unload does; a MultiLoRALinear merges its active adapter (a
     layer without one keeps its base weight). The weights are shared with
     the LoRA layers they came from, so those layers are consumed. Returns
     the model. A lora_bias layer over a base without a bias raises
-    RuntimeError (as PEFT), before any layer changes."""
+    RuntimeError (as PEFT), before any layer changes. An NF4 base is
+    merged as PEFT merges one (dequantized, updated, quantized again: lossy,
+    warns) and given back as a bitsandbytes Linear4bit; an FP8 base raises
+    NotImplementedError, naming the layer, before any layer changes."""
     for layer in lora_layers(model).values():
         layer.check_mergeable()
+    for name, layer in _any_lora_layers(model).items():
+        merging = isinstance(layer, LoRALinear) or layer.active_adapter in layer.lora_A
+        if layer._quant is not None and merging:  # FP8 cannot merge
+            layer._quant.check_mergeable(f"layer {name!r}")
     for name, layer in _any_lora_layers(model).items():
         if isinstance(layer, LoRALinear):
             layer.merge()
@@ -209,7 +228,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters without merging: plain nn.Linear (or Conv1D) modules with the
     current base weights (a merged layer is unmerged first; a PiSSA layer
-    keeps its residual weight, as in PEFT). Returns the model."""
+    keeps its residual weight, as in PEFT). A quantized base comes back as
+    a bitsandbytes Linear4bit (nf4) or transformers FP8Linear (fp8).
+    Returns the model."""
     for name, layer in _any_lora_layers(model).items():
         layer.unmerge()
         set_submodule(model, name, base_linear(layer))

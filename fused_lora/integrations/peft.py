@@ -12,9 +12,10 @@ trains both. Needs peft (`pip install 'fused-lora[interop]'`).
 
 from torch import nn
 
-from ..layers import BASE_ONLY, LoRALinear, MultiLoRALinear, is_conv1d
+from ..layers import BASE_ONLY, DoRAMagnitude, LoRALinear, MultiLoRALinear, is_conv1d
 from .adapter_files import adapter_config, check_config
 from .model import base_linear, lora_layers, multi_lora_layers, set_submodule
+from .quantized import check_lora_options, quantized_base
 
 
 def _import_peft():
@@ -33,8 +34,13 @@ def _check_peft_layer(module, name: str, adapters: list[str], several: bool) -> 
     if module.disable_adapters:
         raise ValueError(f"{name}: the PEFT layer's adapters are disabled; enable them first")
     for adapter in adapters:
-        if getattr(module, "use_dora", {}).get(adapter) or adapter in getattr(module, "lora_variant", {}):
-            raise NotImplementedError(f"{name}: LoRA variants (DoRA, ...) are not supported")
+        variant = getattr(module, "lora_variant", {}).get(adapter)
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            raise NotImplementedError(f"{name}: the LoRA variant {type(variant).__name__} is not supported")
+        if several and _uses_dora(module, adapter):
+            raise NotImplementedError(
+                f"{name}: DoRA with several adapters is not supported (MultiLoRALinear has no DoRA)"
+            )
         if several and getattr(module, "lora_bias", {}).get(adapter):  # PEFT < 0.14 has no lora_bias
             raise NotImplementedError(
                 f"{name}: lora_bias with several adapters is not supported (MultiLoRALinear has no lora_bias)"
@@ -45,11 +51,27 @@ def _check_peft_layer(module, name: str, adapters: list[str], several: bool) -> 
             f"{name}: a Conv1D base (fan_in_fan_out) with several adapters is not supported "
             "(MultiLoRALinear takes nn.Linear only)"
         )
-    if type(base) is not nn.Linear and not is_conv1d(base):
+    # Quantized bases (a bitsandbytes NF4 Linear4bit, a transformers FP8Linear) subclass nn.Linear.
+    quantized = quantized_base(base, name) if isinstance(base, nn.Linear) else None
+    if type(base) is not nn.Linear and not is_conv1d(base) and quantized is None:
         raise NotImplementedError(
-            f"{name}: the base layer is a {type(base).__name__}; only nn.Linear and transformers' Conv1D are supported"
+            f"{name}: the base layer is a {type(base).__name__}; only nn.Linear, transformers' Conv1D and "
+            "quantized bases (bitsandbytes' NF4 Linear4bit, transformers' FP8Linear) are supported"
         )
+    if quantized is not None:
+        check_lora_options(quantized, name, True)
     return base
+
+
+def _peft_4bit_layer() -> tuple:
+    """PEFT's QLoRA layer class, lora.Linear4bit: defined only where bitsandbytes is installed."""
+    from peft.tuners.lora import bnb
+
+    return (bnb.Linear4bit,) if hasattr(bnb, "Linear4bit") else ()
+
+
+def _uses_dora(module, adapter) -> bool:
+    return bool(getattr(module, "use_dora", {}).get(adapter))
 
 
 def _dropout_p(module, adapter) -> float:
@@ -71,6 +93,8 @@ def _one_adapter_layer(module, base: nn.Module, adapter: str, init_lora_weights)
         lora_bias=lora_b.bias is not None,
     )
     layer.lora_A, layer.lora_B = lora_a, lora_b  # the very modules: their Parameters are shared
+    if _uses_dora(module, adapter):  # PEFT's magnitude Parameter itself, in a module of ours
+        layer.lora_magnitude_vector = DoRAMagnitude(module.lora_magnitude_vector[adapter].weight)
     layer.scaling = module.scaling[adapter]
     layer.init_lora_weights = init_lora_weights
     return layer
@@ -110,10 +134,10 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     The fused layers hold the same base weight and bias Parameters and the
     same lora_A / lora_B modules: nothing is copied, and training either one
     trains both. The PEFT wrapper must not be used afterwards (its layers are
-    gone). lora_bias and Conv1D bases (GPT-2, fan_in_fan_out) convert with
-    one adapter. Refuses, naming them and before changing anything: merged
-    or disabled layers, DoRA, other base layers, and lora_bias or Conv1D
-    with several adapters.
+    gone). lora_bias, DoRA and Conv1D bases (GPT-2, fan_in_fan_out) convert
+    with one adapter. Refuses, naming them and before changing anything:
+    merged or disabled layers, other LoRA variants, other base layers, and
+    lora_bias, DoRA or Conv1D with several adapters.
     """
     peft = _import_peft()
     from peft.tuners.lora import Linear as PeftLoraLinear
@@ -136,9 +160,10 @@ def from_peft(peft_model: nn.Module) -> nn.Module:
     for name, module in model.named_modules():  # every check before any change
         if not isinstance(module, BaseTunerLayer):
             continue
-        if type(module) is not PeftLoraLinear:
+        if type(module) not in (PeftLoraLinear, *_peft_4bit_layer()):
             raise NotImplementedError(
-                f"{name}: PEFT layer {type(module).__qualname__} is not supported, only lora.Linear"
+                f"{name}: PEFT layer {type(module).__qualname__} is not supported, only lora.Linear "
+                "(and lora.Linear4bit, QLoRA's)"
             )
         bases[name] = _check_peft_layer(module, name, [a for a in adapters if a in module.lora_A], several)
     for name, base in bases.items():
@@ -163,6 +188,7 @@ def _lora_config(peft, config: dict):
         rank_pattern=config["rank_pattern"],
         alpha_pattern=config["alpha_pattern"],
         lora_bias=config["lora_bias"],
+        use_dora=config["use_dora"],
         fan_in_fan_out=config["fan_in_fan_out"],
         init_lora_weights=True,  # never redo a PiSSA SVD on the residual weights; the adapters are swapped in below
     )
@@ -197,6 +223,8 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
         raise ValueError(f"the layers' active adapters differ ({sorted(active)}): a PEFT model activates one")
     for name, layer in layers.items():
         set_submodule(model, name, base_linear(layer))
+    if any(layer.base_format == "nf4" for layer in layers.values()):
+        model.is_loaded_in_4bit = True  # what makes PEFT wrap a Linear4bit in its lora.Linear4bit
     peft_model = None
     for adapter, (config, _) in adapters.items():
         if peft_model is None:
@@ -209,6 +237,8 @@ def to_peft(model: nn.Module, adapter_name: str = "default"):
             view = layer if multi_name is None else layer.adapter_view(multi_name)
             peft_layer.lora_A[adapter], peft_layer.lora_B[adapter] = view.lora_A, view.lora_B
             peft_layer.scaling[adapter] = view.scaling
+            if view.use_dora:
+                peft_layer.lora_magnitude_vector[adapter].weight = view.lora_magnitude_vector.weight
             peft_layer.train(layer.training)
         peft_model.peft_config[adapter].init_lora_weights = config["init_lora_weights"]
     if active:
