@@ -25,6 +25,7 @@ import torch
 
 from ..kernels import configs
 from ..kernels.common import INTERPRETED
+from ..quantized import QuantizedWeight
 from .candidates import CANDIDATES, DECODE_ROWS, eligible
 
 TABLES = pathlib.Path(__file__).resolve().parents[1] / "tuned"
@@ -88,12 +89,14 @@ def heuristic(kind: str, call, m: int, names: list[str]) -> str:
     pointer-based GEMM at about 1.2x); fp32 adapters, dropout and many
     adapters take the pre-pass from 256 rows (the mask and the fp32 shrink
     then cost once per element of x), and smaller batches the one-launch
-    fused kernel. Under the interpreter cuBLAS is never picked: the tests
-    exercise the kernels."""
+    fused kernel; a quantized W stays with the kernels, which decode it in
+    registers (the composition would decode it with torch ops first). Under
+    the interpreter cuBLAS is never picked: the tests exercise the kernels."""
     if "splitk" in names and m <= DECODE_ROWS and call.weight.numel() >= 2**20:
         return "splitk"
     same_dtype = call.launch is not None and call.launch.dtype == call.x.dtype
-    if "composed" in names and not INTERPRETED and same_dtype and (kind == "reduce" or m >= 256):
+    dense = not isinstance(call.weight, QuantizedWeight)  # a quantized W: decoded in the kernels, not by torch
+    if "composed" in names and not INTERPRETED and same_dtype and (kind == "reduce" or (dense and m >= 256)):
         return "composed"
     if kind == "reduce":
         return "kernel"
