@@ -150,10 +150,12 @@ def dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq=None) -> to
     with torch.no_grad():
         w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
         wide = torch.promote_types(w.dtype, torch.float32)
-        a, b, s = lora_a.to(wide), lora_b.to(wide), scaling
+        # A scaling tensor stays on the device (no host sync): a 0-d factor.
+        s = scaling.reshape(()).to(wide) if isinstance(scaling, torch.Tensor) else float(scaling)
+        a, b = lora_a.to(wide), lora_b.to(wide)
         if weight_norm_sq is None:
             weight_norm_sq = w.to(wide).square().sum(1)
-        wa = torch.mm(w.to(wide), a.t())
+        wa = torch.mm(w.to(wide), a.t())  # fp32: n keeps fp32 precision whatever W's dtype
         norm_sq = weight_norm_sq + 2 * s * (wa * b).sum(1) + s * s * (torch.mm(b, torch.mm(a, a.t())) * b).sum(1)
         return norm_sq.clamp_min(0).sqrt()
 
@@ -169,6 +171,7 @@ def dora_linear(
     *,
     dropout_p: float = 0.0,
     weight_norm_sq: torch.Tensor | None = None,
+    weight_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """DoRA (weight-decomposed LoRA), as PEFT computes it:
 
@@ -178,7 +181,9 @@ def dora_linear(
     magnitude: m (N,), trainable; other arguments as lora_linear's. The
     column scale m / n is applied in the fused kernel's epilogue, and z (the
     unscaled output) is kept for m's gradient, sum_i dY_ij z_ij / n_j, when m
-    requires grad (as PEFT's autograd keeps as much).
+    requires grad (as PEFT's autograd keeps as much). weight_norm_sq:
+    ||W_j||^2 when known (a layer caches it); weight_norm: n itself when
+    known (a layer caches it while W, A, B and the scaling are unchanged).
 
     With dropout (dropout_p > 0; a layer passes it in training mode only),
     PEFT's form y = x W^T + bias + (m/n - 1) (d W^T) + (m/n) s (d A^T) B^T,
@@ -191,8 +196,7 @@ def dora_linear(
     n_out = weight.shape[0]
     if tuple(magnitude.shape) != (n_out,) or not magnitude.is_floating_point():
         raise ValueError(f"magnitude must be a float tensor of shape ({n_out},), got {tuple(magnitude.shape)}")
-    s = float(scaling) if not isinstance(scaling, torch.Tensor) else scaling.reshape(()).item()
-    norm = dora_weight_norm(weight, lora_a, lora_b, s, weight_norm_sq)
+    norm = dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq) if weight_norm is None else weight_norm
     column_scale = magnitude.to(norm.dtype) / norm  # fp32 (fp64 for fp64 inputs), as n
     if dropout_p == 0:
         return _dora(x, weight, bias, lora_a, lora_b, scaling, column_scale)

@@ -367,7 +367,8 @@ class LoRALinear(_FrozenBase):
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **kwargs)
         self.lora_B = nn.Linear(r, self.out_features, bias=lora_bias, **kwargs)
         self.lora_magnitude_vector = DoRAMagnitude(torch.empty(self.out_features, **kwargs)) if use_dora else None
-        self._norm_cache: tuple = ()
+        self._norm_sq_cache: tuple = (None, None)  # (W's key, ||W_j||^2)
+        self._norm_cache: tuple = (None, None)  # (W, A, B and scaling's key, n)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.reset_lora_parameters(init_lora_weights)
 
@@ -384,23 +385,32 @@ class LoRALinear(_FrozenBase):
         """Whether the layer is DoRA (has a magnitude, `lora_magnitude_vector`)."""
         return self.lora_magnitude_vector is not None
 
+    def _weight_key(self) -> tuple:
+        w = self.weight  # the stored tensor (packed for a quantized base)
+        return (w.data_ptr(), w._version, w.device, w.dtype)
+
     def weight_norm_sq(self) -> torch.Tensor:
         """||W_j||^2 (out,) in float32 (float64 for a float64 weight), what
         DoRA's row norms start from: cached while the weight is unchanged
         (same storage, same version), recomputed after merge, PiSSA, a move."""
-        w = self.weight  # the stored tensor (packed for a quantized base) keys the cache
-        key = (w.data_ptr(), w._version, w.device, w.dtype)
-        if not self._norm_cache or self._norm_cache[0] != key:
+        key = self._weight_key()
+        if self._norm_sq_cache[0] != key:
             with torch.no_grad():
-                dense = self._dense_weight(torch.float64 if w.dtype == torch.float64 else torch.float32)
-                self._norm_cache = (key, dense.square().sum(1))
-        return self._norm_cache[1]
+                dense = self._dense_weight(torch.float64 if self.weight.dtype == torch.float64 else torch.float32)
+                self._norm_sq_cache = (key, dense.square().sum(1))
+        return self._norm_sq_cache[1]
 
     def weight_norm(self) -> torch.Tensor:
-        """DoRA's n (out,): the row norms ||W_j + scaling B_j A||, detached."""
-        return dora_weight_norm(
-            self.linear_weight, self.lora_A.weight, self.lora_B.weight, self.scaling, self.weight_norm_sq()
-        )
+        """DoRA's n (out,): the row norms ||W_j + scaling B_j A||, detached;
+        cached while W, A, B and the scaling are unchanged (an optimizer step
+        changes A and B: a training step computes it once, from skinny
+        products; inference once for all)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        key = (self._weight_key(), a.data_ptr(), a._version, b.data_ptr(), b._version, self.scaling)
+        if self._norm_cache[0] != key:
+            norm = dora_weight_norm(self.linear_weight, a, b, self.scaling, self.weight_norm_sq())
+            self._norm_cache = (key, norm)
+        return self._norm_cache[1]
 
     @property
     def max_rank(self) -> int:
@@ -563,7 +573,7 @@ class LoRALinear(_FrozenBase):
                 self._scalings,
                 self.lora_magnitude_vector.weight,
                 dropout_p=dropout_p,
-                weight_norm_sq=None if torch.compiler.is_compiling() else self.weight_norm_sq(),
+                weight_norm=None if torch.compiler.is_compiling() else self.weight_norm(),
             )
         return lora_linear(
             x,

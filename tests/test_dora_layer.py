@@ -93,6 +93,20 @@ def test_weight_norm_cache_follows_the_weight():
     torch.testing.assert_close(layer.weight_norm_sq(), 4 * first)
 
 
+def test_norm_is_cached_until_an_adapter_changes():
+    layer = dora_layer(30, 20, 4, torch.float32, torch.float32, True)
+    first = layer.weight_norm()
+    assert layer.weight_norm() is first  # W, A, B and the scaling unchanged: n is reused
+    with torch.no_grad():
+        layer.lora_B.weight.mul_(3)  # what an optimizer step does, in place
+    second = layer.weight_norm()
+    assert second is not first and not torch.equal(second, first)
+    layer.scaling = 2 * layer.scaling
+    assert layer.weight_norm() is not second
+    x = randn(5, 30, device=DEVICE)
+    assert_matches_reference(layer(x), reference(layer, x.double()), torch.float32)
+
+
 def test_refusals():
     with pytest.raises(ValueError, match="lora_bias"):
         LoRALinear(16, 8, use_dora=True, lora_bias=True)
