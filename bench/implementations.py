@@ -109,7 +109,7 @@ IMPLEMENTATIONS = {"merged": merged, "naive": naive, "composed": composed, "fuse
 def triton_base(x, p: Params):
     """The fused kernel's own GEMM with the LoRA part switched off (GPU,
     forward only): x W^T + bias, to compare our GEMM with cuBLAS's."""
-    precision = triton_backend.fp32_precision() if x.dtype == torch.float32 else "ieee"
+    precision = triton_backend.kernel_precision(x.dtype)
     y, _ = lora_gemm(
         x, p.weight, p.bias, None, dx=False, compute_y=True, base_precision=precision, lora_precision=precision
     )

@@ -609,6 +609,19 @@ def test_fp32_precision_follows_torch(matmul_precision):
     assert triton_backend.fp32_precision() == "ieee"
 
 
+def test_kernels_run_ieee_fp32_as_3xtf32_on_a_gpu(matmul_precision, monkeypatch):
+    """On a GPU the kernels' fp32 dots are TF32 when torch allows it, else
+    3xTF32 (fp32 accuracy on tensor cores); 16-bit operands have no choice,
+    and the interpreter computes fp32 exactly ("ieee")."""
+    assert triton_backend.kernel_precision(torch.float32) == "ieee"  # the interpreter
+    monkeypatch.setattr(triton_backend, "INTERPRETED", False)
+    matmul_precision.fp32_precision = "ieee"
+    assert triton_backend.kernel_precision(torch.float32) == "tf32x3"
+    assert triton_backend.kernel_precision(torch.bfloat16) == "ieee"
+    matmul_precision.fp32_precision = "tf32"
+    assert triton_backend.kernel_precision(torch.float32) == "tf32"
+
+
 @requires_cuda
 def test_tf32_within_its_tolerance_and_ieee_tighter(matmul_precision):
     inputs = lora_inputs(512, 1024, 768, 16, torch.float32, device=DEVICE)

@@ -39,9 +39,16 @@ def fp32_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # Only fp32 operands have a choice; the interpreter ignores it anyway.
-    return fp32_precision() if dtype == torch.float32 and not INTERPRETED else "ieee"
+def kernel_precision(dtype: torch.dtype) -> str:
+    """The kernels' `tl.dot` precision for operands of `dtype`: only fp32 has
+    a choice. TF32 where torch's setting allows it; else 3xTF32 ("tf32x3":
+    each operand split into two TF32 parts, three tensor-core products),
+    within the fp32 tolerance, where a true fp32 dot would run on FMA units
+    with its operand tiles in registers (which spilled in every tile of the
+    compile report at large ranks). The interpreter computes fp32 exactly."""
+    if dtype != torch.float32 or INTERPRETED:
+        return "ieee"
+    return "tf32" if fp32_precision() == "tf32" else "tf32x3"
 
 
 def _call(x, weight, bias, adapters, rows, seed, out=None, h_out=None, column_scale=None) -> Call:
@@ -54,7 +61,7 @@ def _call(x, weight, bias, adapters, rows, seed, out=None, h_out=None, column_sc
             )
         launch = LaunchAdapters(*adapters, multi=rows is not None)
     lora_dtype = launch.dtype if launch else x.dtype
-    precisions = _precision(x.dtype), _precision(lora_dtype)
+    precisions = kernel_precision(x.dtype), kernel_precision(lora_dtype)
     return Call(x, weight, bias, adapters, launch, rows, seed, *precisions, out, h_out, column_scale)
 
 
