@@ -1,17 +1,25 @@
-"""python -m bench.compile_report: what each kernel compiles to, without a GPU.
+"""python -m bench.compile_report: what every candidate's kernels compile to, without a GPU.
 
-    python -m bench.compile_report            # every kernel x arch x dtype pair x rank x pruned config
+    python -m bench.compile_report            # every scenario x kept config, and the plain ones' pruned configs
     python -m bench.compile_report --quick    # the subset the test suite compiles
+    python -m bench.compile_report --out bench/results/compile-report-triton3.6.json   # under another Triton
+    python -m bench.compile_report --exclude REPORT...   # SPILLING with a report's problems added
 
-For sm_80 and sm_90 it prints registers per thread, bytes spilled, shared
-memory against the device's limit, and whether Hopper's wgmma is used, and
-writes bench/results/compile-report.json. Reading it: a spill or a shared
-memory overflow in a config the autotuner may pick is a bug in the pruning
-(fused_lora/kernels/configs.py); a 64-row or taller tile without wgmma on
-sm_90 runs on the older, slower MMA path.
+For sm_80 and sm_90 it compiles each candidate's kernels as the launchers
+specialize them (bench/compile_check.py), and writes one row per scenario x
+kernel launch x config: registers per thread, bytes spilled, shared memory
+against the device's limit, whether Hopper's wgmma is used, and whether the
+pruning keeps the config (`pruned`) and runs it by default (`default`). It
+prints the default configs per candidate and architecture, and every kept
+config that spills, overflows shared memory or timed out: there should be
+none (a fix goes in the pruning, fused_lora/kernels/configs.py, whose
+SPILLING, in config_limits.py, `--exclude` updates from reports). Compiles
+are cached per Triton version (`cache_path`; `--fresh` ignores the cache).
+16-row decode tiles cannot use wgmma (a warpgroup MMA is 64 rows tall).
 """
 
 import argparse
+import collections
 import json
 import os
 import pathlib
@@ -21,51 +29,164 @@ import sys
 from .report import environment
 
 RESULTS = pathlib.Path(__file__).parent / "results"
+# Row order in the file: stable across runs, so that a new report diffs against the old one.
+ORDER = ("candidate", "scenario", "kernel", "arch", "dtype", "adapter_dtype", "precision", "r_pad", "config")
 
 
-def compile_rows(quick: bool) -> list[dict]:
-    # Compiling needs TRITON_INTERPRET unset when Triton is imported: a child process.
+def cache_path() -> pathlib.Path:
+    """Where compiles are cached, per Triton version (FUSED_LORA_CACHE_DIR,
+    default ~/.cache/fused_lora, as the tuning cache)."""
+    import triton
+
+    root = os.environ.get("FUSED_LORA_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fused_lora"
+    return pathlib.Path(root) / f"compile-check-triton{triton.__version__}.jsonl"
+
+
+def compile_rows(quick: bool, workers: int | None = None, cache: bool = True) -> list[dict]:
+    """The compile check's rows, run in a child process: compiling needs
+    TRITON_INTERPRET unset when Triton is imported."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns without it; fusion is its default
     command = [sys.executable, "-m", "bench.compile_check"] + (["--suite"] if quick else [])
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    command += ["--workers", str(workers)] if workers else []
+    command += ["--cache", str(cache_path())] if cache else []
+    proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)  # progress on stderr
     if proc.returncode:
-        raise SystemExit(proc.stderr)
-    return [json.loads(line) for line in proc.stdout.splitlines()]
+        raise SystemExit(f"bench.compile_check failed with exit code {proc.returncode}")
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in ORDER))
+
+
+def problems(rows: list[dict]) -> list[dict]:
+    """Kept configs that spill, exceed the shared memory limit or time out."""
+    return [
+        r for r in rows if not r["pruned"] and (r["timed_out"] or r["spill_bytes"] or r["shared"] > r["shared_limit"])
+    ]
+
+
+def _label(r: dict) -> str:
+    return (
+        f"{r['scenario']}: {r['kernel']} sm_{r['arch']} {r['dtype']}/{r['adapter_dtype']} {r['precision']} "
+        f"r_pad={r['r_pad']} {r['config']}"
+    )
+
+
+def _cell(r: dict) -> str:
+    if r["timed_out"]:
+        return "timed out"
+    over = "!" if r["shared"] > r["shared_limit"] else ""
+    return (
+        f"{r['registers']:>3} regs {r['spill_bytes']:>6} B spilled {r['shared'] // 1024:>3}K{over} shared "
+        f"{'wgmma' if r['wgmma'] else 'mma'}"
+    )
 
 
 def render(rows: list[dict]) -> str:
-    header = (
-        f"{'kernel':<8} {'arch':<6} {'dtypes':<10} {'r_pad':>5} {'regs':>5} {'spill':>6} {'shared':>15} wgmma  config"
-    )
-    lines = [header, "-" * len(header)]
+    """Defaults per candidate, kernel and architecture (worst of their
+    dtype pairs, precisions and ranks), then every problem."""
+    worst = collections.defaultdict(list)
     for r in rows:
-        shared = f"{r['shared'] // 1024}K/{r['shared_limit'] // 1024}K" + (
-            "!" if r["shared"] > r["shared_limit"] else ""
-        )
+        if r["default"]:
+            worst[(r["candidate"], r["kernel"], r["arch"])].append(r)
+    lines = ["default configs, the one with most registers per candidate / kernel / arch:"]
+    for (candidate, kernel, arch), group in sorted(worst.items()):
+        r = max(group, key=lambda r: (r["timed_out"], r["spill_bytes"] or 0, r["registers"] or 0))
+        spilling = sum(1 for g in group if g["spill_bytes"])
         lines.append(
-            f"{r['kernel']:<8} sm_{r['arch']:<3} {r['dtype'] + '/' + r['adapter_dtype']:<10} {r['r_pad']:>5} "
-            f"{r['registers']:>5} {r['spill_bytes']:>6} {shared:>15} {'yes' if r['wgmma'] else 'no':<6} {r['config']}"
+            f"  {candidate:<16} {kernel:<22} sm_{arch}  {_cell(r)}  ({len(group)} cases, {spilling} spill; "
+            f"worst {r['dtype']}/{r['adapter_dtype']} {r['precision']} r_pad={r['r_pad']} {r['config']})"
         )
-    spilling = sum(1 for r in rows if r["spill_bytes"])
-    too_big = sum(1 for r in rows if r["shared"] > r["shared_limit"])
-    lines.append(f"\n{len(rows)} compiles: {spilling} spill registers, {too_big} exceed shared memory")
+    bad = problems(rows)
+    lines.append(f"\n{len(rows)} rows, {sum(not r['pruned'] for r in rows)} kept; {len(bad)} kept with a problem:")
+    lines += [f"  {_label(r)}: {_cell(r)}" for r in bad]
+    pruned = [r for r in rows if r["pruned"]]
+    spilling = sum(1 for r in pruned if r["timed_out"] or r["spill_bytes"] or r["shared"] > r["shared_limit"])
+    lines.append(f"{len(pruned)} pruned rows, {spilling} of them spill, overflow or timed out")
+    return "\n".join(lines)
+
+
+KERNELS = {"lora_gemm_kernel": "gemm", "lora_shrink_kernel": "shrink", "lora_reduce_kernel": "reduce"}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+FORMATS = {"NF4": "nf4", "NF4_NESTED": "nf4", "FP8": "fp8", "FP8_PER_TENSOR": "fp8"}
+
+
+def _config(label: str):
+    import triton
+
+    fields = dict(item.split("=") for item in label.split())
+    tile = {k: int(v) for k, v in fields.items() if k.startswith("BLOCK_") or k == "GROUP_M"}
+    return triton.Config(tile, num_warps=int(fields["num_warps"]), num_stages=int(fields["num_stages"]))
+
+
+def _class(r: dict) -> tuple:
+    """(arch, regime, load) of a row, as fused_lora/kernels/configs.py names them."""
+    import torch
+
+    from fused_lora.kernels import configs
+
+    flags = set(r["flags"].split())
+    wide, adapter = (getattr(torch, DTYPES[r[k]]) for k in ("dtype", "adapter_dtype"))
+    lora, _, base = r["precision"].partition(", base ")
+    w_format = next((FORMATS[f] for f in flags if f in FORMATS), "")
+    regime = configs.regime(wide, adapter, lora, base or None, w_format)
+    return r["arch"], regime, configs.load("MULTI" in flags, "DROPOUT" in flags)
+
+
+def exclusions(rows: list[dict], spilling: dict) -> dict:
+    """SPILLING with what went wrong in the rows added: each kept config of
+    the pruned kernels that spilled, overflowed shared memory or timed out is
+    kept out of its class from its R_PAD on."""
+    from fused_lora.kernels import configs
+
+    merged = {kernel: {label: set(where) for label, where in labels.items()} for kernel, labels in spilling.items()}
+    for r in problems(rows):
+        if r["kernel"] in KERNELS:
+            label = configs.config_label(_config(r["config"]))
+            merged[KERNELS[r["kernel"]]].setdefault(label, set()).add((*_class(r), r["r_pad"]))
+    for labels in merged.values():  # an entry from a smaller R_PAD on covers the larger
+        for label, where in labels.items():
+            labels[label] = {w for w in where if not any(v[:3] == w[:3] and v[3] < w[3] for v in where)}
+    return merged
+
+
+def _literal(spilling: dict) -> str:
+    lines = ["SPILLING = {"]
+    for kernel, labels in spilling.items():
+        lines.append(f"    {kernel!r}: {{")
+        for label, where in sorted(labels.items()):
+            lines.append(f"        {label!r}: {{" + ", ".join(repr(w) for w in sorted(where)) + "},")
+        lines.append("    },")
+    lines.append("}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.compile_report", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the test suite's subset")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--out", type=pathlib.Path, help="the JSON file (default: bench/results/compile-report.json)")
+    parser.add_argument("--workers", type=int, help="compiling processes (default: one per CPU)")
+    parser.add_argument("--fresh", action="store_true", help="compile everything again, ignoring the cache")
+    parser.add_argument(
+        "--exclude", nargs="+", type=pathlib.Path, metavar="REPORT",
+        help="print SPILLING (fused_lora/kernels/config_limits.py) with what went wrong in these reports added",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.exclude:
+        from fused_lora.kernels import configs
+
+        rows = [row for path in args.exclude for row in json.loads(path.read_text())["rows"]]
+        print(_literal(exclusions(rows, configs.SPILLING)))
+        return
     import torch
 
-    rows = compile_rows(args.quick)
+    rows = compile_rows(args.quick, args.workers, cache=not args.fresh)
     print(render(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("compile-report-quick.json" if args.quick else "compile-report.json")
+    path = args.out or RESULTS / ("compile-report-quick.json" if args.quick else "compile-report.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
     env = environment(torch.device("cpu"))
-    path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    # One row per line: a file of thousands of rows stays readable and diffs line by line.
+    body = ",\n".join(json.dumps(r, separators=(",", ":")) for r in rows)
+    path.write_text(f'{{"environment": {json.dumps(env)},\n"rows": [\n{body}\n]}}\n')
     print(f"wrote {path}")
 
 

@@ -13,6 +13,8 @@ import os
 import torch
 import triton
 
+from .config_limits import REGISTER_BUDGETS, SPILLING
+
 # Shared memory per block that the compiler may use.
 SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
 
@@ -58,6 +60,14 @@ GEMM_CONFIGS = [
 # (BLOCK_M x R_PAD) fp32 tiles, fit in registers beside the output tile
 # (r = 256) only in 16-row tiles spread over 8 warps.
 MULTI_GEMM_CONFIGS = [*GEMM_CONFIGS, *_configs(8, 2, (16, 128, 32), (16, 64, 32))]
+# fp32 adapters under IEEE precision: FMA dots hold their operand tiles in
+# registers, and from r = 64 on only short tiles keep them there.
+MULTI_GEMM_CONFIGS += [*_configs(8, 3, (32, 64, 32)), *_configs(4, 2, (16, 32, 32), group_m=1)]
+# The last config of each space is its safe one: the smallest footprint per
+# thread, without spills in every launch of the compile report (fp32 adapters
+# under IEEE at r = 256, many adapters and dropout, NF4 / FP8 decode). It runs
+# when the pruning keeps nothing else.
+MULTI_GEMM_CONFIGS += _configs(8, 2, (16, 32, 32), group_m=1)
 
 # The split-K sum: one (BLOCK_M x BLOCK_N) tile of y per program.
 FINISH_TILE = dict(BLOCK_M=16, BLOCK_N=64)
@@ -69,6 +79,11 @@ REDUCE_CONFIGS = [
     triton.Config(dict(BLOCK_P=p, BLOCK_M=m), num_warps=w, num_stages=s)
     for p, m, w, s in [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 64, 8, 2)]
 ]
+# fp32 adapters under IEEE precision (FMA): shallow M steps.
+REDUCE_CONFIGS += [
+    triton.Config(dict(BLOCK_P=p, BLOCK_M=m), num_warps=w, num_stages=s)
+    for p, m, w, s in [(64, 16, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 8, 2)]  # the last: the safe one
+]
 
 # The shrink pre-pass: BLOCK_M rows x the whole rank per program, reduced over
 # K in BLOCK_K steps; short row blocks so that a prefill batch has programs
@@ -77,11 +92,40 @@ SHRINK_CONFIGS = [
     triton.Config(dict(BLOCK_M=m, BLOCK_K=k), num_warps=w, num_stages=s)
     for m, k, w, s in [(16, 128, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (16, 256, 4, 3), (32, 64, 4, 3)]
 ]
+# fp32 adapters under IEEE precision (FMA): shallow K steps.
+SHRINK_CONFIGS += [
+    triton.Config(dict(BLOCK_M=m, BLOCK_K=k), num_warps=w, num_stages=s)
+    for m, k, w, s in [(16, 64, 4, 3), (16, 32, 4, 3), (16, 32, 8, 2), (16, 16, 4, 1)]  # the last: the safe one
+]
 
-# fp32 accumulator registers per thread above which ptxas starts to spill
-# (seen in the compile report; the rest of the 255 hold operands, addresses
-# and the MMA fragments).
+# --- Which configs a launch keeps ----------------------------------------------------------------------------------
+#
+# A config must fit the GPU it runs on: shared memory (an estimate never below
+# what the compiler allocated in the compile report) and registers. ptxas gives
+# a thread at most 255 registers and spills to local memory past them. What a
+# config needs depends on its tiles and on the launch: how tl.dot runs (tensor
+# cores for 16-bit and TF32 operands; FMA for fp32 under IEEE, whose operand
+# tiles are held in registers), many adapters (a second H accumulator, per-row
+# scalings and dropout p) and dropout (the Philox mask of a tile). Each config
+# gets a register pressure, its accumulators and half its operand tiles in fp32
+# values per thread, and is kept when that is within the budget of its class:
+# kernel, architecture, regime (how its dots run) and load (many adapters,
+# dropout). A budget is the largest pressure at which the configs of the class
+# compiled cleanly in the compile report (`python -m bench.compile_report`);
+# SPILLING keeps out the configs that still went wrong under it. A launch that
+# does not say its architecture, precision, adapters or dropout gets the
+# strictest budget over what it left out. When nothing is left, a launch runs
+# the safe config at the end of its space.
+
+# REGISTER_BUDGETS and SPILLING: config_limits.py.
+
+# The persistent TMA GEMM's simpler estimate (prune_tma): fp32 accumulator
+# registers per thread past which ptxas starts to spill on sm_80.
 ACCUMULATOR_REGISTERS = {"gemm": 80, "reduce": 64}
+
+LOADS = ("plain", "dropout", "multi", "multi+dropout")
+# At most this many configs per launch are kept (the first that fit).
+MAX_KEPT = 3
 
 
 @functools.cache
@@ -94,66 +138,206 @@ def _current_arch() -> int | None:
     return 10 * major + minor
 
 
-def estimate_gemm_shared(config, r_pad: int, wide_dtype=torch.bfloat16, adapter_dtype=torch.bfloat16) -> int:
-    """Bytes of shared memory a GEMM config needs: each pipeline stage holds
-    one tile of the left operand, of the weight and of the adapter."""
-    m = config.kwargs
-    wide, adapter = wide_dtype.itemsize, adapter_dtype.itemsize
-    tile = (m["BLOCK_M"] + m["BLOCK_N"]) * m["BLOCK_K"] * wide + r_pad * m["BLOCK_K"] * adapter
-    return config.num_stages * tile
+def _archs(arch: int | None) -> tuple[int, ...]:
+    """The architectures to fit: the given one (or the current GPU's), every
+    known one when neither is known; an unknown one as the strictest known."""
+    arch = arch if arch is not None else _current_arch()
+    return (arch,) if arch in SHARED_MEMORY_LIMIT else tuple(SHARED_MEMORY_LIMIT)
 
 
-def estimate_gemm_registers(config, r_pad: int) -> int:
-    """fp32 registers per thread for the (BLOCK_M x BLOCK_N) and
-    (BLOCK_M x R_PAD) accumulators."""
-    m = config.kwargs
-    return m["BLOCK_M"] * (m["BLOCK_N"] + r_pad) // (32 * config.num_warps)
+def _dot_kind(dtype, precision: str) -> str:
+    if dtype.itemsize == 2:
+        return "mma"
+    return precision if precision in ("tf32", "tf32x3") else "fma"
 
 
-def prune_gemm(configs, *, r_pad: int, m: int, wide_dtype, adapter_dtype) -> list:
-    """Keep the GEMM configs that fit: shared memory for every stage (a large
-    rank adds an R_PAD x BLOCK_K adapter tile), registers for the
-    accumulators (ptxas spills past about ACCUMULATOR_REGISTERS), and tiles
-    no taller than a decode batch needs."""
-    limit = min(SHARED_MEMORY_LIMIT.values())
+def regime(wide_dtype, adapter_dtype, precision: str, base_precision: str | None = None, w_format: str = "") -> str:
+    """How a launch's dots run: "<wide operand's>/<adapters'>", each "mma"
+    (16-bit), "tf32", "tf32x3" (how a GPU runs fp32 under IEEE precision:
+    fused_lora/backends/triton_backend.py) or "fma" (fp32 "ieee"); after the name of
+    W's quantized format when it has one ("nf4 mma/mma"): SPILLING tells the
+    formats apart, REGISTER_BUDGETS does not."""
+    base = precision if base_precision is None else base_precision
+    dots = f"{_dot_kind(wide_dtype, base)}/{_dot_kind(adapter_dtype, precision)}"
+    return f"{w_format} {dots}" if w_format else dots
 
-    def fits(c):
-        return (
-            estimate_gemm_shared(c, r_pad, wide_dtype, adapter_dtype) <= limit
-            and estimate_gemm_registers(c, r_pad) <= ACCUMULATOR_REGISTERS["gemm"]
-        )
 
-    fitting = [c for c in configs if fits(c)]
+def load(multi: bool, dropout: bool) -> int:
+    """The index in LOADS of a launch with or without many adapters and dropout."""
+    return 2 * multi + dropout
+
+
+def config_label(config) -> str:
+    """A config as SPILLING names it, e.g. '64x64x32 w8 s3': the tile
+    (BLOCK_M x BLOCK_N x BLOCK_K; BLOCK_M x BLOCK_K for the shrink; BLOCK_P x
+    BLOCK_M for dA / dB), warps and stages."""
+    k = config.kwargs
+    names = ("BLOCK_P", "BLOCK_M") if "BLOCK_P" in k else ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    tile = "x".join(str(k[n]) for n in names if n in k)
+    return f"{tile} w{config.num_warps} s{config.num_stages}"
+
+
+def register_limits(kernel: str, arch, wide_dtype, adapter_dtype, precision=None, base_precision=None, multi=None,
+                    dropout=None, r_pad: int = 256, w_format: str = "") -> tuple[int, set[str]]:  # fmt: skip
+    """(the register pressure a launch of `kernel` ("gemm", "shrink",
+    "reduce") at rank R_PAD `r_pad` may reach, the labels of the configs kept
+    out of it): the strictest over every value of what it left as None."""
+    classes = [
+        (a, regime(wide_dtype, adapter_dtype, p, base_precision, w_format), load(m, d))
+        for a in _archs(arch)
+        for p in (("ieee", "tf32", "tf32x3") if precision is None else (precision,))
+        for m in ((False, True) if multi is None else (multi,))
+        for d in ((False, True) if dropout is None else (dropout,))
+    ]
+    # 3xTF32 has the TF32 budgets (its own SPILLING entries).
+    budget = min(REGISTER_BUDGETS[kernel][a][r.split()[-1].replace("tf32x3", "tf32")][i] for a, r, i in classes)
+    spilling = {
+        label
+        for label, where in SPILLING[kernel].items()
+        if any((a, r, i) in classes and r_pad >= since for a, r, i, since in where)
+    }
+    return budget, spilling
+
+
+def gemm_pressure(config, r_pad: int, *, multi: bool = True, shrink: bool = True, compute_y: bool = True) -> int:
+    """fp32 values per thread of the GEMM's (BLOCK_M x BLOCK_N) output and
+    (BLOCK_M x R_PAD) H accumulators (two with many adapters and the shrink
+    in the loop) and half its operand tiles."""
+    k = config.kwargs
+    m, n, depth = k["BLOCK_M"], k["BLOCK_N"] * compute_y, k["BLOCK_K"]
+    values = m * n + m * r_pad * (2 if multi and shrink else 1) + depth * (m + n) // 2
+    return -(-values // (32 * config.num_warps))
+
+
+def shrink_pressure(config, r_pad: int) -> int:
+    """fp32 values per thread of the shrink's (BLOCK_M x R_PAD) accumulator
+    and half its operand tiles."""
+    k = config.kwargs
+    values = k["BLOCK_M"] * r_pad + k["BLOCK_K"] * (k["BLOCK_M"] + r_pad) // 2
+    return -(-values // (32 * config.num_warps))
+
+
+def reduce_pressure(config, r_pad: int) -> int:
+    """fp32 values per thread of the dA / dB (BLOCK_P x R_PAD) accumulator
+    and half its operand tiles."""
+    k = config.kwargs
+    values = k["BLOCK_P"] * r_pad + k["BLOCK_M"] * (k["BLOCK_P"] + r_pad) // 2
+    return -(-values // (32 * config.num_warps))
+
+
+# Bytes per element of a W tile in a pipeline stage, quantized: the codes and
+# the block scales the decode gathers per element (NF4: absmax, and the
+# nested statistics; FP8: the 128 x 128 block scale), fitted above what the
+# compile report shows.
+W_TILE_BYTES = {"nf4": 6, "fp8": 4}
+
+
+def gemm_shared(config, r_pad: int, wide_dtype, adapter_dtype, w_format: str = "") -> int:
+    """Bytes of shared memory the GEMM needs: the pipeline's stages (a tile of
+    x, of W and of the adapter each, and an eighth more for what the compiler
+    adds), or the epilogue's (H and the expand's adapter tile as dot operands;
+    the fp32 output tile on its way to the store), whichever is more."""
+    k = config.kwargs
+    m, n, depth = k["BLOCK_M"], k["BLOCK_N"], k["BLOCK_K"]
+    w_bytes = W_TILE_BYTES[w_format] if w_format else wide_dtype.itemsize
+    stage = (m * wide_dtype.itemsize + n * w_bytes) * depth + r_pad * depth * adapter_dtype.itemsize
+    epilogue = max((m + n) * r_pad * adapter_dtype.itemsize, m * n * 4)
+    return max(config.num_stages * stage * 9 // 8, epilogue)
+
+
+def shrink_shared(config, r_pad: int, wide_dtype, adapter_dtype) -> int:
+    """Bytes of shared memory the shrink needs: its stages (x and adapter
+    tiles) and the fp32 H tile on its way to the store."""
+    k = config.kwargs
+    stage = k["BLOCK_K"] * (k["BLOCK_M"] * wide_dtype.itemsize + r_pad * adapter_dtype.itemsize)
+    return config.num_stages * stage + k["BLOCK_M"] * r_pad * 4
+
+
+def reduce_shared(config, r_pad: int, wide_dtype, skinny_dtype) -> int:
+    """Bytes of shared memory dA / dB need: its stages, the wide tile in the
+    wider of the two dtypes (it is converted to the skinny one's)."""
+    k = config.kwargs
+    width = max(wide_dtype.itemsize, skinny_dtype.itemsize)
+    return config.num_stages * k["BLOCK_M"] * (k["BLOCK_P"] * width + r_pad * skinny_dtype.itemsize)
+
+
+def _keep(configs, pressure, shared, limits: tuple[int, set[str]], shared_limit: int) -> list:
+    """The configs within the register limits and shared memory, in their
+    order; else the space's last, its safe one (every launch keeps a config)."""
+    budget, spilling = limits
+    kept = [c for c in configs if pressure(c) <= budget and shared(c) <= shared_limit]
+    kept = [c for c in kept if config_label(c) not in spilling]
+    return kept or configs[-1:]
+
+
+def _best(kept: list) -> list:
+    """The first MAX_KEPT: the spaces are ordered best first, and each kept
+    config costs FUSED_LORA_TUNE=1 a compile and a timing on a first call."""
+    return kept[:MAX_KEPT]
+
+
+def _shared_limit(arch) -> int:
+    return min(SHARED_MEMORY_LIMIT[a] for a in _archs(arch))
+
+
+def prune_gemm(configs, *, r_pad: int, m: int, wide_dtype, adapter_dtype, arch=None, precision=None,
+               base_precision=None, multi=None, dropout=None, shrink=True, compute_y=True,
+               w_format="") -> list:  # fmt: skip
+    """The GEMM configs a launch keeps, best first, at most MAX_KEPT: within
+    the register budget of its class and shared memory, and tiles no taller
+    than a decode batch needs (16 rows for m <= 64, taller ones otherwise,
+    while any fits).
+
+    r_pad: the kernel's R_PAD; m: rows; wide_dtype / adapter_dtype: x's and
+    the adapters'; arch: e.g. 90 (default: the current GPU's); precision /
+    base_precision: the LoRA and base GEMM's fp32 precision ("ieee", "tf32", "tf32x3";
+    the base's defaults to the LoRA's); multi, dropout, shrink, compute_y:
+    the launch's MULTI, DROPOUT, SHRINK (the shrink in the K loop) and
+    COMPUTE_Y; w_format: W's quantized format ("nf4", "fp8") or "" (dense).
+    Left as None, arch, precision, multi and dropout count as every value
+    they can take."""
+    limits = register_limits(
+        "gemm", arch, wide_dtype, adapter_dtype, precision, base_precision, multi, dropout, r_pad, w_format
+    )
+    shape = dict(multi=multi is not False, shrink=shrink, compute_y=compute_y)
+    pressure, shared = (
+        (lambda c: gemm_pressure(c, r_pad, **shape)),
+        (lambda c: gemm_shared(c, r_pad, wide_dtype, adapter_dtype, w_format)),
+    )
+    kept = _keep(configs, pressure, shared, limits, _shared_limit(arch))
     decode = m <= 64
-    kept = [c for c in fitting if (c.kwargs["BLOCK_M"] == 16) == decode]
-    return kept or fitting or [min(configs, key=lambda c: estimate_gemm_registers(c, r_pad))]
+    return _best([c for c in kept if (c.kwargs["BLOCK_M"] == 16) == decode] or kept)
 
 
-def prune_shrink(configs, *, r_pad: int, wide_dtype, adapter_dtype) -> list:
-    """Keep the shrink configs whose (BLOCK_M x R_PAD) accumulator fits in
-    registers and whose stages fit in shared memory."""
-    limit = min(SHARED_MEMORY_LIMIT.values())
-
-    def fits(c):
-        k = c.kwargs
-        shared = c.num_stages * k["BLOCK_K"] * (k["BLOCK_M"] * wide_dtype.itemsize + r_pad * adapter_dtype.itemsize)
-        return shared <= limit and k["BLOCK_M"] * r_pad // (32 * c.num_warps) <= ACCUMULATOR_REGISTERS["reduce"]
-
-    return [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.num_stages)]
+def launch_details(flags: dict) -> dict:
+    """The shrink's and dA / dB's constexpr flags as the pruning takes them."""
+    return dict(precision=flags["PRECISION"], multi=flags["MULTI"], dropout=flags["DROPOUT"])
 
 
-def prune_reduce(configs, *, r_pad: int, wide_dtype, skinny_dtype) -> list:
-    """Keep the dA / dB configs whose (BLOCK_P x R_PAD) accumulator fits in
-    registers and whose stages fit in shared memory."""
-    limit = min(SHARED_MEMORY_LIMIT.values())
+def prune_shrink(configs, *, r_pad: int, wide_dtype, adapter_dtype, arch=None, precision=None, multi=None,
+                 dropout=None) -> list:  # fmt: skip
+    """The shrink configs a launch keeps, best first, at most MAX_KEPT (see
+    prune_gemm for the arguments): within the register budget of its class
+    and shared memory."""
+    limits = register_limits("shrink", arch, wide_dtype, adapter_dtype, precision, None, multi, dropout, r_pad)
+    pressure, shared = (
+        (lambda c: shrink_pressure(c, r_pad)),
+        (lambda c: shrink_shared(c, r_pad, wide_dtype, adapter_dtype)),
+    )
+    return _best(_keep(configs, pressure, shared, limits, _shared_limit(arch)))
 
-    def fits(c):
-        k = c.kwargs
-        shared = c.num_stages * k["BLOCK_M"] * (k["BLOCK_P"] * wide_dtype.itemsize + r_pad * skinny_dtype.itemsize)
-        registers = k["BLOCK_P"] * r_pad // (32 * c.num_warps)
-        return shared <= limit and registers <= ACCUMULATOR_REGISTERS["reduce"]
 
-    return [c for c in configs if fits(c)] or [min(configs, key=lambda c: c.kwargs["BLOCK_P"] * c.num_stages)]
+def prune_reduce(configs, *, r_pad: int, wide_dtype, skinny_dtype, arch=None, precision=None, multi=None,
+                 dropout=None) -> list:  # fmt: skip
+    """The dA / dB configs a launch keeps, best first, at most MAX_KEPT (see
+    prune_gemm for the arguments; skinny_dtype: G's or H's, the adapters'
+    dtype): within the register budget of its class and shared memory."""
+    limits = register_limits("reduce", arch, wide_dtype, skinny_dtype, precision, None, multi, dropout, r_pad)
+    pressure, shared = (
+        (lambda c: reduce_pressure(c, r_pad)),
+        (lambda c: reduce_shared(c, r_pad, wide_dtype, skinny_dtype)),
+    )
+    return _best(_keep(configs, pressure, shared, limits, _shared_limit(arch)))
 
 
 # The interpreter cannot autotune (it has no GPU driver): it runs one of
@@ -206,21 +390,33 @@ def split_m(m: int, num_p_tiles: int, num_sms: int) -> int:
     return triton.cdiv(rows, SPLIT_M_QUANTUM) * SPLIT_M_QUANTUM
 
 
-# The persistent TMA GEMM (Hopper): big tiles, deep pipelines.
+# The persistent TMA GEMM (Hopper): big tiles, deep pipelines; the last two
+# for large ranks, whose epilogue tiles take most of the shared memory.
 TMA_CONFIGS = [
     triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s)
-    for m, n, k, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
-]
+    for m, n, k, w, s in [
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 128, 8, 3), (64, 128, 64, 4, 4),
+        (64, 128, 64, 4, 3), (64, 64, 64, 4, 2),
+    ]
+]  # fmt: skip
+
+
+def tma_shared(config, r_pad: int, dtype) -> int:
+    """Bytes of shared memory the TMA GEMM needs: every stage of the
+    persistent loop buffers the K loop's x and W boxes and the epilogue's H
+    and B tiles (the compiler pipelines the epilogue's loads across tiles)."""
+    k = config.kwargs
+    return config.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * (k["BLOCK_K"] + r_pad) * dtype.itemsize
 
 
 def prune_tma(configs, *, r_pad: int, dtype) -> list:
     """Keep the TMA configs whose stages fit sm_90's shared memory and whose
-    accumulator (plus the expand's H tile) fits in registers."""
+    accumulator (plus the expand's H tile) fits in registers; at most
+    MAX_KEPT, else the one needing the least shared memory."""
 
     def fits(c):
         k = c.kwargs
-        shared = c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * dtype.itemsize
         registers = k["BLOCK_M"] * (k["BLOCK_N"] + r_pad) // (32 * c.num_warps)
-        return shared <= SHARED_MEMORY_LIMIT[90] and registers <= 2 * ACCUMULATOR_REGISTERS["gemm"]
+        return tma_shared(c, r_pad, dtype) <= SHARED_MEMORY_LIMIT[90] and registers <= 2 * ACCUMULATOR_REGISTERS["gemm"]
 
-    return [c for c in configs if fits(c)] or [configs[-1]]
+    return _best([c for c in configs if fits(c)]) or [min(configs, key=lambda c: tma_shared(c, r_pad, dtype))]

@@ -145,7 +145,7 @@ def lora_gemm_kernel(
     NATIVE_FP8: tl.constexpr,  # FP8: the GPU converts e4m3 itself
     COL_SCALE: tl.constexpr,  # DoRA: y = c * (x W^T + s H B^T) + bias, c (N,) per output column
     Z_OUT: tl.constexpr,  # COL_SCALE: also store z = x W^T + s H B^T (the magnitude's gradient needs it)
-    BASE_PRECISION: tl.constexpr,  # "ieee" or "tf32", for fp32 operands
+    BASE_PRECISION: tl.constexpr,  # "ieee", "tf32" or "tf32x3", for fp32 operands
     LORA_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: its bf16 dot is wrong
     ACC_DTYPE: tl.constexpr,  # fp32; fp64 for float64 inputs (interpreter)
@@ -324,15 +324,19 @@ def splitk_finish_kernel(
             tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=h_ok)
 
 
+# W_FORMAT as the pruning names it.
+_FORMAT_NAMES = {int(quant.DENSE): "", int(quant.NF4): "nf4", int(quant.NF4_NESTED): "nf4", int(quant.FP8): "fp8"}
+_FORMAT_NAMES[int(quant.FP8_PER_TENSOR)] = "fp8"
+
+
 def _prune(configs_, named_args, **kwargs):
-    """configs.prune_gemm for this launch. With the shrink in the loop, many
-    adapters hold two (BLOCK_M x R_PAD) accumulators (the first adapter's
-    and the others'), so they are pruned as for twice the rank; split-K runs
-    the decode tiles."""
-    r_pad = kwargs["R_PAD"] * (2 if kwargs["MULTI"] and kwargs["SHRINK"] else 1)
+    """configs.prune_gemm for this launch: its dtypes, precisions, adapters,
+    dropout, shape flags and W's format (split-K runs the decode tiles)."""
     return configs.prune_gemm(
-        configs_, r_pad=r_pad, m=named_args["M"], wide_dtype=named_args["x_ptr"].dtype,
-        adapter_dtype=TORCH_DTYPES[kwargs["ADAPTER_DTYPE"]],
+        configs_, r_pad=kwargs["R_PAD"], m=named_args["M"], wide_dtype=named_args["x_ptr"].dtype,
+        adapter_dtype=TORCH_DTYPES[kwargs["ADAPTER_DTYPE"]], precision=kwargs["LORA_PRECISION"],
+        base_precision=kwargs["BASE_PRECISION"], multi=kwargs["MULTI"], dropout=kwargs["DROPOUT"],
+        shrink=kwargs["SHRINK"], compute_y=kwargs["COMPUTE_Y"], w_format=_FORMAT_NAMES[int(kwargs["W_FORMAT"])],
     )  # fmt: skip
 
 

@@ -154,7 +154,11 @@ def sum_pieces_kernel(
 
 def _prune(configs_, named_args, **kwargs):
     return configs.prune_reduce(
-        configs_, r_pad=kwargs["R_PAD"], wide_dtype=named_args["p_ptr"].dtype, skinny_dtype=named_args["q_ptr"].dtype
+        configs_,
+        r_pad=kwargs["R_PAD"],
+        wide_dtype=named_args["p_ptr"].dtype,
+        skinny_dtype=named_args["q_ptr"].dtype,
+        **configs.launch_details(kwargs),
     )
 
 
@@ -229,10 +233,13 @@ def lora_reduce(wide, skinny, adapters, *, scaled, dropout, precision, seed=0, o
 
     launch(lora_reduce_kernel, lora_reduce_tuned, grid, args, flags, "reduce")
     if mode == PIECES:
-        block = 64
+        # (BLOCK_P x R_PAD) tiles of 512 values (64 x 16 spilled on sm_90, in the
+        # compile report); a loop of a few chunks needs no software pipeline.
+        block = max(8, 512 // configs.pad_rank(r))
         sum_pieces_kernel[(triton.cdiv(p, block), out.shape[0])](
             target, out, stand_in if starts is None else starts, p, r, rows_per_chunk, m,
             *target.stride(), *out.stride(), MULTI=multi, R_PAD=configs.pad_rank(r), BLOCK_P=block,
+            num_warps=4, num_stages=1,
         )  # fmt: skip
     elif target is not out:
         out.copy_(target)

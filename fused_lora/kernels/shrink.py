@@ -73,7 +73,11 @@ def lora_shrink_kernel(
 
 def _prune(configs_, named_args, **kwargs):
     return configs.prune_shrink(
-        configs_, r_pad=kwargs["R_PAD"], wide_dtype=named_args["x_ptr"].dtype, adapter_dtype=named_args["h_ptr"].dtype
+        configs_,
+        r_pad=kwargs["R_PAD"],
+        wide_dtype=named_args["x_ptr"].dtype,
+        adapter_dtype=named_args["h_ptr"].dtype,
+        **configs.launch_details(kwargs),
     )
 
 
