@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fused_lora*"]),
+    # The pruning's limits (read off the compile report) and the tuned tables a GPU writes.
+    package_data={"fused_lora": ["kernels/*.json", "tuned/*.json"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "triton>=3.6", "numpy", "safetensors"],
     extras_require={

@@ -3,7 +3,7 @@
     python -m bench.compile_report            # every scenario x kept config, and the plain ones' pruned configs
     python -m bench.compile_report --quick    # the subset the test suite compiles
     python -m bench.compile_report --out bench/results/compile-report-triton3.6.json   # under another Triton
-    python -m bench.compile_report --exclude REPORT...   # SPILLING with a report's problems added
+    python -m bench.compile_report --exclude REPORT...   # a report's problems into SPILLING
 
 For sm_80 and sm_90 it compiles each candidate's kernels as the launchers
 specialize them (bench/compile_check.py), and writes one row per scenario x
@@ -13,7 +13,7 @@ pruning keeps the config (`pruned`) and runs it by default (`default`). It
 prints the default configs per candidate and architecture, and every kept
 config that spills, overflows shared memory or timed out: there should be
 none (a fix goes in the pruning, fused_lora/kernels/configs.py, whose
-SPILLING, in config_limits.py, `--exclude` updates from reports). Compiles
+SPILLING, in config_limits.json, `--exclude` updates from reports). Compiles
 are cached per Triton version (`cache_path`; `--fresh` ignores the cache).
 16-row decode tiles cannot use wgmma (a warpgroup MMA is 64 rows tall).
 """
@@ -149,15 +149,15 @@ def exclusions(rows: list[dict], spilling: dict) -> dict:
     return merged
 
 
-def _literal(spilling: dict) -> str:
-    lines = ["SPILLING = {"]
-    for kernel, labels in spilling.items():
-        lines.append(f"    {kernel!r}: {{")
-        for label, where in sorted(labels.items()):
-            lines.append(f"        {label!r}: {{" + ", ".join(repr(w) for w in sorted(where)) + "},")
-        lines.append("    },")
-    lines.append("}")
-    return "\n".join(lines)
+def write_spilling(spilling: dict, path: pathlib.Path) -> int:
+    """SPILLING into the limits file (the budgets kept); returns its entries."""
+    data = json.loads(path.read_text())
+    data["SPILLING"] = {
+        kernel: {label: sorted(list(w) for w in where) for label, where in sorted(labels.items())}
+        for kernel, labels in spilling.items()
+    }
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return sum(len(where) for labels in spilling.values() for where in labels.values())
 
 
 def main(argv=None):
@@ -168,14 +168,15 @@ def main(argv=None):
     parser.add_argument("--fresh", action="store_true", help="compile everything again, ignoring the cache")
     parser.add_argument(
         "--exclude", nargs="+", type=pathlib.Path, metavar="REPORT",
-        help="print SPILLING (fused_lora/kernels/config_limits.py) with what went wrong in these reports added",
+        help="add what went wrong in these reports to SPILLING (fused_lora/kernels/config_limits.json)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.exclude:
         from fused_lora.kernels import configs
 
         rows = [row for path in args.exclude for row in json.loads(path.read_text())["rows"]]
-        print(_literal(exclusions(rows, configs.SPILLING)))
+        count = write_spilling(exclusions(rows, configs.SPILLING), configs.LIMITS_FILE)
+        print(f"wrote {configs.LIMITS_FILE}: {count} classes kept out")
         return
     import torch
 

@@ -8,12 +8,12 @@ Shapes used throughout the kernels:
 
 import contextlib
 import functools
+import json
 import os
+import pathlib
 
 import torch
 import triton
-
-from .config_limits import REGISTER_BUDGETS, SPILLING
 
 # Shared memory per block that the compiler may use.
 SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
@@ -117,7 +117,31 @@ SHRINK_CONFIGS += [
 # strictest budget over what it left out. When nothing is left, a launch runs
 # the safe config at the end of its space.
 
-# REGISTER_BUDGETS and SPILLING: config_limits.py.
+# Data read off the compile report. REGISTER_BUDGETS[kernel][arch][regime] =
+# the budgets per load (LOADS), regime as regime() names it (3xTF32 takes the
+# TF32 budgets). SPILLING[kernel][config_label(config)] = the classes (arch,
+# regime, load, the R_PAD from which on) a config went wrong in although its
+# budget admitted it (ptxas does not spill in order of pressure); written by
+# `python -m bench.compile_report --exclude REPORT`.
+LIMITS_FILE = pathlib.Path(__file__).with_name("config_limits.json")
+
+
+def _read_limits(path: pathlib.Path) -> tuple[dict, dict]:
+    """(REGISTER_BUDGETS, SPILLING) from the JSON file: budgets as tuples
+    per load, each SPILLING class a tuple (arch, regime, load, from R_PAD)."""
+    data = json.loads(path.read_text())
+    budgets = {
+        kernel: {int(arch): {regime: tuple(v) for regime, v in regimes.items()} for arch, regimes in archs.items()}
+        for kernel, archs in data["REGISTER_BUDGETS"].items()
+    }
+    spilling = {
+        kernel: {label: {tuple(w) for w in where} for label, where in labels.items()}
+        for kernel, labels in data["SPILLING"].items()
+    }
+    return budgets, spilling
+
+
+REGISTER_BUDGETS, SPILLING = _read_limits(LIMITS_FILE)
 
 # The persistent TMA GEMM's simpler estimate (prune_tma): fp32 accumulator
 # registers per thread past which ptxas starts to spill on sm_80.
