@@ -1,6 +1,6 @@
 """python -m bench.compile_report: what every candidate's kernels compile to, without a GPU.
 
-    python -m bench.compile_report            # every scenario x kept config, and the plain ones' pruned configs
+    python -m bench.compile_report            # the plain calls' kept configs, the others' default config
     python -m bench.compile_report --quick    # the subset the test suite compiles
     python -m bench.compile_report --out bench/results/compile-report-triton3.6.json   # under another Triton
     python -m bench.compile_report --exclude REPORT...   # a report's problems into SPILLING
